@@ -1,0 +1,496 @@
+"""The driver: wraps the ResNet-50 and the ImageNet datasets from `pipeline.py` in a kronfluence Task,
+fits the covariance, eigendecomposition and lambda factors on the training set, and computes pairwise
+influence scores between the first `--num_queries` validation images and every training image (full
+rank, or low-rank query gradients with query batching; float32 or bfloat16). Finished factors and
+scores are reused when the same command is run again; results computed with other settings are never
+mixed in silently. `--demo` runs the whole pipeline offline on generated images."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import uuid
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from kronfluence.analyzer import Analyzer, prepare_model
+from kronfluence.arguments import FactorArguments, ScoreArguments
+from kronfluence.task import Task
+from kronfluence.utils.common.factor_arguments import all_low_precision_factor_arguments
+from kronfluence.utils.common.score_arguments import all_low_precision_score_arguments
+from kronfluence.utils.dataset import DataLoaderKwargs
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch import nn
+from torch.utils import data
+
+import demo
+import naming
+import pipeline
+from cli import UserError, setup_logging, user_errors
+
+logger = logging.getLogger("analyze")
+
+STRATEGIES = ("identity", "diagonal", "kfac", "ekfac")
+FULL_RANK = -1  # the seed's spelling of "no low-rank approximation"
+HEURISTIC_DAMPING = "heuristic"
+# The seed's defaults (upstream ImageNet example).
+SEED_DEFAULTS = {
+    "query_batch_size": 100,
+    "train_batch_size": 256,
+    "num_queries": 1000,
+    "damping_factor": 1e-8,  # kronfluence's default, which the seed's published numbers used
+    "analysis_name": naming.DEFAULT_ANALYSIS_NAME,
+}
+# The demo: a few dozen generated images on a laptop CPU, where 1e-8 damping is badly conditioned.
+DEMO_DEFAULTS = {
+    "query_batch_size": 8,
+    "train_batch_size": 8,
+    "num_queries": None,  # every demo val image
+    "damping_factor": None,
+    "analysis_name": "demo",
+}
+DEMO_LOW_RANK = 32
+MAX_DEFAULT_WORKERS = 8
+HALF_DTYPE = torch.bfloat16
+
+
+@dataclasses.dataclass(frozen=True)
+class AnalysisSettings:
+    """Everything `run_analysis` needs besides the model and the data. `None` means "off" or "automatic"."""
+
+    strategy: str = "ekfac"
+    query_gradient_rank: Optional[int] = None
+    query_batch_size: int = SEED_DEFAULTS["query_batch_size"]
+    train_batch_size: int = SEED_DEFAULTS["train_batch_size"]
+    factor_batch_size: Optional[int] = None
+    query_gradient_accumulation_steps: Optional[int] = None
+    use_half_precision: bool = False
+    damping_factor: Optional[float] = SEED_DEFAULTS["damping_factor"]
+    num_workers: int = 0
+    output_dir: str = naming.DEFAULT_OUTPUT_DIR
+    analysis_name: str = naming.DEFAULT_ANALYSIS_NAME
+    seed: int = 0
+    overwrite: bool = False
+    profile: bool = False
+
+    @property
+    def factors_name(self) -> str:
+        return naming.factors_name(self.strategy, self.use_half_precision)
+
+    @property
+    def scores_name(self) -> str:
+        return naming.scores_name(self.strategy, self.use_half_precision, self.query_gradient_rank)
+
+
+def sample_labels(logits: torch.Tensor, indices: torch.Tensor, seed: int) -> torch.Tensor:
+    """One label per example drawn from softmax(logits) (Gumbel-max), with randomness that depends only on
+    `seed` and the example's dataset index, so the draw is the same whatever the batch or process.
+
+    numpy's SeedSequence mixes (seed, index) into a full-width seed; torch.Generator.manual_seed would
+    keep only the low 32 bits of a combined integer, so different seeds could give the same draws.
+    """
+    uniform = np.stack(
+        [np.random.default_rng([seed, index]).random(logits.shape[-1]) for index in indices.tolist()]
+    )
+    gumbel = -np.log(-np.log(np.clip(uniform, 1e-20, 1.0 - 1e-12)))
+    return (logits.detach().float() + torch.from_numpy(gumbel).float().to(logits.device)).argmax(dim=-1)
+
+
+class ClassificationTask(Task):
+    """Image classification for kronfluence.
+
+    Training loss: summed cross-entropy; with `sample=True` the labels are drawn from the model's own
+    predictive distribution (true Fisher), reproducibly per example (see `sample_labels`).
+    Measurement: the margin -(logit_correct - logsumexp(other logits)), summed.
+    Tracked layers: every Conv2d and Linear (kronfluence's choice when no list is given).
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def compute_train_loss(self, batch: Any, model: nn.Module, sample: bool = False) -> torch.Tensor:
+        images, labels, indices = batch
+        logits = model(images)
+        if sample:
+            with torch.no_grad():
+                labels = sample_labels(logits, indices, self.seed)
+        return F.cross_entropy(logits, labels, reduction="sum")
+
+    def compute_measurement(self, batch: Any, model: nn.Module) -> torch.Tensor:
+        images, labels, _ = batch
+        logits = model(images)
+        rows = torch.arange(logits.shape[0], device=logits.device)
+        correct = logits[rows, labels]
+        others = logits.clone()
+        others[rows, labels] = -torch.inf
+        return -(correct - others.logsumexp(dim=-1)).sum()
+
+    def get_influence_tracked_modules(self) -> Optional[List[str]]:
+        return None
+
+
+def factor_arguments(settings: AnalysisSettings) -> FactorArguments:
+    if settings.use_half_precision:
+        return all_low_precision_factor_arguments(strategy=settings.strategy, dtype=HALF_DTYPE)
+    return FactorArguments(strategy=settings.strategy)
+
+
+def accumulation_steps(settings: AnalysisSettings, num_queries: int) -> int:
+    """Query batches gathered before each pass over the training set. Low-rank query gradients are small,
+    so by default all queries are gathered and the training set is read once; full-rank ones are 100 MB
+    per query for ResNet-50, so by default each query batch gets its own pass (as in the seed)."""
+    if settings.query_gradient_accumulation_steps is not None:
+        return settings.query_gradient_accumulation_steps
+    if settings.query_gradient_rank is None:
+        return 1
+    return max(1, math.ceil(num_queries / settings.query_batch_size))
+
+
+def score_arguments(settings: AnalysisSettings, num_queries: int) -> ScoreArguments:
+    if settings.use_half_precision:
+        score_args = all_low_precision_score_arguments(
+            damping_factor=settings.damping_factor,
+            query_gradient_low_rank=settings.query_gradient_rank,
+            dtype=HALF_DTYPE,
+        )
+    else:
+        score_args = ScoreArguments(
+            damping_factor=settings.damping_factor, query_gradient_low_rank=settings.query_gradient_rank
+        )
+    score_args.query_gradient_accumulation_steps = accumulation_steps(settings, num_queries)
+    return score_args
+
+
+def _write_json_atomically(path: Path, payload: Dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    staging.write_text(json.dumps(payload, indent=2, sort_keys=True))
+    os.replace(staging, path)
+
+
+def _differences(saved: Dict[str, Any], current: Dict[str, Any]) -> List[str]:
+    keys = sorted(set(saved) | set(current))
+    return [f"{key} {saved.get(key)!r} -> {current.get(key)!r}" for key in keys if saved.get(key) != current.get(key)]
+
+
+def claim_results_dir(directory: Path, depends_on: Dict[str, Any], settings: AnalysisSettings, what: str) -> Dict[str, Any]:
+    """Makes `directory` hold results of exactly `depends_on`; returns its run record.
+
+    A directory recorded with other settings is refused (or emptied with `--overwrite`); a matching one
+    is kept, so finished work in it is reused. The record is written before any computation so that an
+    interrupted run resumes with the same command.
+    """
+    record_path = directory / naming.RUN_CONFIG_FILE
+    if record_path.is_file():
+        record = json.loads(record_path.read_text())
+        changes = _differences(record.get("depends_on", {}), depends_on)
+        if not changes:
+            return record
+        if not settings.overwrite:
+            raise UserError(
+                f"{what} in {directory} were computed with other settings ({'; '.join(changes)}); pass "
+                "--overwrite to replace them, or choose another --analysis_name/--output_dir"
+            )
+        logger.warning("--overwrite: removing %s in %s (%s)", what, directory, "; ".join(changes))
+        shutil.rmtree(directory)
+    elif directory.exists() and any(directory.iterdir()):
+        if not settings.overwrite:
+            raise UserError(
+                f"{directory} holds {what} that this suite did not record; pass --overwrite to replace them"
+            )
+        shutil.rmtree(directory)
+    record = {
+        "id": uuid.uuid4().hex,
+        "depends_on": depends_on,
+        "settings": dataclasses.asdict(settings),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+    }
+    _write_json_atomically(record_path, record)
+    return record
+
+
+def make_analyzer(model: nn.Module, settings: AnalysisSettings) -> Any:
+    """kronfluence's Analyzer around the model (wraps its Conv2d/Linear layers in place)."""
+
+    task = ClassificationTask(settings.seed)
+    model = prepare_model(model, task)
+    analyzer = Analyzer(
+        analysis_name=settings.analysis_name,
+        model=model,
+        task=task,
+        profile=settings.profile,
+        output_dir=settings.output_dir,
+        log_level=logging.WARNING,
+    )
+    analyzer.set_dataloader_kwargs(
+        DataLoaderKwargs(num_workers=settings.num_workers, pin_memory=torch.cuda.is_available())
+    )
+    return analyzer
+
+
+def factor_batch_size(settings: AnalysisSettings, analyzer: Any) -> Optional[int]:
+    """`None` lets kronfluence search the largest batch that fits, which is safe only on one GPU: on the
+    CPU it would try 4096 ResNet-50 images at once, and it cannot search across processes."""
+    if settings.factor_batch_size is not None:
+        return settings.factor_batch_size
+    if analyzer.state.device.type == "cuda" and not analyzer.state.use_distributed:
+        return None
+    return settings.train_batch_size
+
+
+def fit_factors(analyzer: Any, train_dataset: data.Dataset, settings: AnalysisSettings, provenance: Dict[str, Any]) -> Dict[str, Any]:
+    """Fits (or reuses) covariance, eigendecomposition and lambda factors; returns the factors' record."""
+    directory = analyzer.factors_output_dir(settings.factors_name)
+    depends_on = {
+        "strategy": settings.strategy,
+        "use_half_precision": settings.use_half_precision,
+        "seed": settings.seed,
+        **provenance["train"],
+    }
+    record = claim_results_dir(directory, depends_on, settings, "factors")
+    torch.manual_seed(settings.seed)
+    analyzer.fit_all_factors(
+        factors_name=settings.factors_name,
+        dataset=train_dataset,
+        per_device_batch_size=factor_batch_size(settings, analyzer),
+        factor_args=factor_arguments(settings),
+    )
+    return record
+
+
+def compute_scores(
+    analyzer: Any,
+    train_dataset: data.Dataset,
+    query_dataset: data.Dataset,
+    settings: AnalysisSettings,
+    provenance: Dict[str, Any],
+    factors_record: Dict[str, Any],
+) -> Path:
+    """Computes (or reuses) the pairwise scores; returns the path of the score file."""
+    directory = analyzer.scores_output_dir(settings.scores_name)
+    depends_on = {
+        "factors_name": settings.factors_name,
+        "factors_id": factors_record["id"],
+        "query_gradient_rank": settings.query_gradient_rank,
+        "damping_factor": settings.damping_factor,
+        "use_half_precision": settings.use_half_precision,
+        **provenance["query"],
+    }
+    claim_results_dir(directory, depends_on, settings, "scores")
+    path = directory / naming.PAIRWISE_SCORES_FILE
+    if path.is_file():
+        logger.info("reusing finished scores %s", path)
+        return path
+    torch.manual_seed(settings.seed)  # torch.svd_lowrank, used for low-rank query gradients, is randomised
+    analyzer.compute_pairwise_scores(
+        scores_name=settings.scores_name,
+        factors_name=settings.factors_name,
+        query_dataset=query_dataset,
+        train_dataset=train_dataset,
+        per_device_query_batch_size=settings.query_batch_size,
+        per_device_train_batch_size=settings.train_batch_size,
+        score_args=score_arguments(settings, len(query_dataset)),
+    )
+    return path
+
+
+def scores_shape(path: Path) -> tuple:
+
+    with safe_open(str(path), framework="pt") as handle:
+        return tuple(handle.get_slice(naming.SCORES_KEY).get_shape())
+
+
+def load_scores(path: Path) -> torch.Tensor:
+
+    return load_file(str(path))[naming.SCORES_KEY]
+
+
+def dataset_provenance(dataset_dir: Path, train_dataset: data.Dataset, query_dataset: data.Dataset, model_source: str) -> Dict[str, Any]:
+    """What results depend on besides the flags: the model and which images were used."""
+    train = {"model": model_source, "dataset_dir": str(dataset_dir.resolve()), "num_train": len(train_dataset)}
+    return {"train": train, "query": {**train, "num_queries": len(query_dataset)}}
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be zero or a positive integer, not {text}")
+    return value
+
+
+def _rank(text: str) -> Optional[int]:
+    value = int(text)
+    if value == FULL_RANK:
+        return None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive rank, or {FULL_RANK} for full rank, not {text}")
+    return value
+
+
+def _damping(text: str) -> Optional[float]:
+    if text == HEURISTIC_DAMPING:
+        return None
+    value = float(text)
+    if not value >= 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0 or '{HEURISTIC_DAMPING}', not {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+
+    parser = argparse.ArgumentParser(
+        prog="analyze.py",
+        description="Influence scores (EKFAC and relatives, via kronfluence) of ImageNet training images on "
+        "validation predictions of a torchvision ResNet-50.",
+    )
+    parser.add_argument("--dataset_dir", type=Path, help="ImageNet folder holding train/<wnid>/* and val/<wnid>/*.")
+    parser.add_argument("--demo", action="store_true", help="Run offline on generated images under data/demo/ (made once); no dataset, download or GPU needed.")
+    parser.add_argument("--factor_strategy", choices=STRATEGIES, default="ekfac", help="Hessian approximation (default: ekfac).")
+    parser.add_argument("--query_gradient_rank", type=_rank, default=None, help=f"Rank of the low-rank query gradients (query batching); {FULL_RANK} for full rank (default).")
+    parser.add_argument("--query_batch_size", type=_positive_int, help="Queries per batch (default: 100; demo 8).")
+    parser.add_argument("--train_batch_size", type=_positive_int, help="Training images per batch when scoring (default: 256; demo 8).")
+    parser.add_argument("--factor_batch_size", type=_positive_int, help="Training images per batch when fitting factors (default: searched on one GPU, else --train_batch_size).")
+    parser.add_argument("--query_gradient_accumulation_steps", type=_positive_int, help="Query batches gathered per pass over the training set (default: all of them with a low rank, 1 at full rank).")
+    parser.add_argument("--num_queries", type=_positive_int, help="Score the first N validation images (default: 1000; demo: all).")
+    parser.add_argument("--use_half_precision", action="store_true", help="bfloat16 factors and scores (names get _half).")
+    parser.add_argument("--damping_factor", type=_damping, default=argparse.SUPPRESS, help=f"Damping added to the Hessian approximation: a number, or '{HEURISTIC_DAMPING}' for 0.1 x mean eigenvalue (default: 1e-8; demo: heuristic).")
+    parser.add_argument("--num_workers", type=_non_negative_int, help=f"DataLoader worker processes (default: CPU count, at most {MAX_DEFAULT_WORKERS}; demo 0).")
+    parser.add_argument("--output_dir", type=Path, default=Path(naming.DEFAULT_OUTPUT_DIR), help="Where results go (default: influence_results).")
+    parser.add_argument("--analysis_name", help="Sub-folder of --output_dir for this model and data (default: imagenet; demo: demo).")
+    parser.add_argument("--weights", choices=pipeline.weight_choices(), help=f"torchvision ResNet50_Weights to load, or 'none' for random init (default: {pipeline.DEFAULT_WEIGHTS}; demo: that if cached, else none).")
+    parser.add_argument("--checkpoint", type=Path, help="Local ResNet-50 state dict (.pt/.pth/.safetensors; may be wrapped under state_dict/model, module. prefixes allowed) instead of --weights.")
+    parser.add_argument("--seed", type=_non_negative_int, default=0, help="Seed for every random choice (true-Fisher labels, randomised SVD) (default: 0).")
+    parser.add_argument("--overwrite", action="store_true", help="Replace results on disk that were computed with other settings (finished matching results are still reused).")
+    parser.add_argument("--profile", action="store_true", help="Print the per-phase timing table at the end.")
+    return parser
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.demo and args.dataset_dir is not None:
+        parser.error("--demo makes its own dataset; drop --dataset_dir")
+    if not args.demo and args.dataset_dir is None:
+        parser.error("--dataset_dir is required (or --demo for the offline demo)")
+    if args.checkpoint is not None and args.weights is not None:
+        parser.error("--checkpoint and --weights exclude each other")
+    defaults = DEMO_DEFAULTS if args.demo else SEED_DEFAULTS
+    for key, value in defaults.items():
+        # `--damping_factor` is absent when not given: its None already means the heuristic.
+        if getattr(args, key, None) is None and (key != "damping_factor" or not hasattr(args, key)):
+            setattr(args, key, value)
+    if args.num_workers is None:
+        args.num_workers = 0 if args.demo else min(MAX_DEFAULT_WORKERS, os.cpu_count() or 1)
+    return args
+
+
+def settings_from_args(args: argparse.Namespace) -> AnalysisSettings:
+    return AnalysisSettings(
+        strategy=args.factor_strategy,
+        query_gradient_rank=args.query_gradient_rank,
+        query_batch_size=args.query_batch_size,
+        train_batch_size=args.train_batch_size,
+        factor_batch_size=args.factor_batch_size,
+        query_gradient_accumulation_steps=args.query_gradient_accumulation_steps,
+        use_half_precision=args.use_half_precision,
+        damping_factor=args.damping_factor,
+        num_workers=args.num_workers,
+        output_dir=str(args.output_dir),
+        analysis_name=args.analysis_name,
+        seed=args.seed,
+        overwrite=args.overwrite,
+        profile=args.profile or args.demo,
+    )
+
+
+def _check_output_dir(output_dir: Path) -> None:
+    existing = output_dir
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"output directory {output_dir} cannot be written (no write permission on {existing})")
+
+
+def run(args: argparse.Namespace) -> Dict[str, Path]:
+    """Builds everything, runs the analysis; returns the score files, keyed by scores name."""
+
+    settings = settings_from_args(args)
+    _check_output_dir(Path(settings.output_dir))
+    if args.checkpoint is not None and not args.checkpoint.is_file():
+        raise UserError(f"checkpoint {args.checkpoint} does not exist")
+    weights = args.weights
+    if args.demo:
+        args.dataset_dir = demo.make_demo_dataset()
+        if weights is None and args.checkpoint is None and not pipeline.pretrained_weights_cached():
+            logger.warning("demo: pretrained ResNet-50 weights are not cached (no download here); using random init")
+            weights = pipeline.NO_WEIGHTS
+    dataset_dir = Path(args.dataset_dir)
+    # Cheap folder checks come before the model is built.
+    train_dataset = pipeline.get_imagenet_dataset("train", dataset_dir)
+    val_dataset = pipeline.get_imagenet_dataset("val", dataset_dir)
+    num_queries = args.num_queries if args.num_queries is not None else len(val_dataset)
+    pipeline.check_datasets(train_dataset, val_dataset, num_queries)
+    if weights is None and args.checkpoint is None:
+        weights = pipeline.DEFAULT_WEIGHTS
+    model = pipeline.build_model(weights=weights, checkpoint=args.checkpoint)
+    pipeline.check_model_fits_classes(train_dataset, model)
+    query_dataset = data.Subset(val_dataset, list(range(num_queries)))
+    model_source = f"checkpoint:{args.checkpoint.resolve()}" if args.checkpoint is not None else f"weights:{weights}"
+    provenance = dataset_provenance(dataset_dir, train_dataset, query_dataset, model_source)
+    logger.info(
+        "%s: %d training images, %d queries, strategy %s, %s, %s",
+        model_source, len(train_dataset), num_queries, settings.strategy,
+        f"rank {settings.query_gradient_rank}" if settings.query_gradient_rank else "full rank",
+        "bfloat16" if settings.use_half_precision else "float32",
+    )
+
+    analyzer = make_analyzer(model, settings)
+    factors_record = fit_factors(analyzer, train_dataset, settings, provenance)
+    runs = [settings]
+    if args.demo:
+        low_rank = settings.query_gradient_rank or DEMO_LOW_RANK
+        runs = [dataclasses.replace(settings, query_gradient_rank=None), dataclasses.replace(settings, query_gradient_rank=low_rank)]
+    results: Dict[str, Path] = {}
+    for run_settings in runs:
+        path = compute_scores(analyzer, train_dataset, query_dataset, run_settings, provenance, factors_record)
+        results[run_settings.scores_name] = path
+        logger.info("scores `%s`: %s, shape %s", run_settings.scores_name, path, scores_shape(path))
+    table = analyzer.profiler.summary() if settings.profile else ""
+    if args.demo:
+        scores = {name: load_scores(path) for name, path in results.items()}
+        print(demo.report(results, scores, train_dataset, query_dataset, table))
+    elif table:
+        print(table)
+    return results
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Path]:
+    args = parse_args(argv)
+    setup_logging()
+    with user_errors("analyze.py"):
+        return run(args)
+
+
+if __name__ == "__main__":
+    main()

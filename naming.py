@@ -1,0 +1,57 @@
+"""Where results live. Every script that writes or reads factors or scores takes their names and paths
+from these pure functions of the configuration, so that `analyze.py` and the analysis scripts always
+agree (kronfluence's layout: OUTPUT_DIR/ANALYSIS_NAME/factors_NAME/ and .../scores_NAME/)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from kronfluence.utils.constants import FACTOR_SAVE_PREFIX, SCORE_SAVE_PREFIX
+
+DEFAULT_OUTPUT_DIR = "influence_results"
+DEFAULT_ANALYSIS_NAME = "imagenet"
+PAIRWISE_SCORES_FILE = "pairwise_scores.safetensors"
+SELF_SCORES_FILE = "self_scores.safetensors"
+# kronfluence sums the per-module scores under this key unless per-module scores are asked for.
+SCORES_KEY = "all_modules"
+RUN_CONFIG_FILE = "run_config.json"
+HALF_SUFFIX = "_half"
+LOW_RANK_SUFFIX = "_qlr"
+
+
+def factors_name(strategy: str, use_half_precision: bool) -> str:
+    """`ekfac`, `ekfac_half`, `kfac`, ...: the factors depend only on the strategy and the precision."""
+    return strategy + (HALF_SUFFIX if use_half_precision else "")
+
+
+def scores_name(strategy: str, use_half_precision: bool, query_gradient_rank: Optional[int]) -> str:
+    """`ekfac`, `ekfac_half`, `ekfac_qlr32`, `ekfac_half_qlr32`: `None` rank means full rank."""
+    name = factors_name(strategy, use_half_precision)
+    if query_gradient_rank is not None:
+        name += f"{LOW_RANK_SUFFIX}{query_gradient_rank}"
+    return name
+
+
+def rank_from_scores_name(name: str) -> Optional[int]:
+    """The query-gradient rank a scores name was made with (`None` for full rank)."""
+    head, sep, tail = name.rpartition(LOW_RANK_SUFFIX)
+    if sep and head and tail.isdigit():
+        return int(tail)
+    return None
+
+
+def analysis_dir(output_dir: str | Path, analysis_name: str) -> Path:
+    return Path(output_dir) / analysis_name
+
+
+def factors_dir(output_dir: str | Path, analysis_name: str, name: str) -> Path:
+    return analysis_dir(output_dir, analysis_name) / f"{FACTOR_SAVE_PREFIX}{name}"
+
+
+def scores_dir(output_dir: str | Path, analysis_name: str, name: str) -> Path:
+    return analysis_dir(output_dir, analysis_name) / f"{SCORE_SAVE_PREFIX}{name}"
+
+
+def pairwise_scores_path(output_dir: str | Path, analysis_name: str, name: str) -> Path:
+    return scores_dir(output_dir, analysis_name, name) / PAIRWISE_SCORES_FILE

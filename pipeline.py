@@ -1,0 +1,227 @@
+"""Builds what an influence analysis needs, from explicit arguments and nothing else: the torchvision
+ResNet-50 (pretrained weights through torchvision's weights API, a local checkpoint, or random init) and
+the ImageNet train/val datasets (torchvision ImageFolder over DATASET_DIR/{train,val}/<wnid>/*) with the
+evaluation transform. Every problem a user can fix (a missing folder, an empty class, a checkpoint that
+is not a ResNet-50) is raised as a one-line `cli.UserError` before any heavy work starts."""
+
+from __future__ import annotations
+
+import logging
+import os
+import urllib.error
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+from torch.utils import data
+from torchvision import transforms
+from torchvision.datasets import ImageFolder
+from torchvision.models import ResNet50_Weights, resnet50
+
+from cli import UserError
+
+logger = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+RESIZE_SIZE = 256
+CROP_SIZE = 224
+SPLITS = ("train", "val")
+DEFAULT_WEIGHTS = "IMAGENET1K_V1"
+NO_WEIGHTS = "none"
+# Keys under which training scripts commonly wrap a state dict.
+CHECKPOINT_WRAPPER_KEYS = ("state_dict", "model")
+DDP_PREFIX = "module."
+
+
+def weight_choices() -> List[str]:
+    """Names accepted by `--weights`: every torchvision `ResNet50_Weights` member, or `none`."""
+    return [weights.name for weights in ResNet50_Weights] + [NO_WEIGHTS]
+
+
+def eval_transform() -> transforms.Compose:
+    """The evaluation transform, used for the training set and the queries alike."""
+    return transforms.Compose(
+        [
+            transforms.Resize(RESIZE_SIZE),
+            transforms.CenterCrop(CROP_SIZE),
+            transforms.ToTensor(),
+            transforms.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
+        ]
+    )
+
+
+class IndexedImageFolder(ImageFolder):
+    """ImageFolder whose items are `(image, label, index)`; the index (position in the full folder) lets
+    the true-Fisher label sampling depend on the example alone, not on its batch or process."""
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, int, int]:
+        image, label = super().__getitem__(index)
+        return image, label, index
+
+
+def get_imagenet_dataset(
+    split: str,
+    dataset_dir: str | Path,
+    indices: Optional[Sequence[int]] = None,
+) -> data.Dataset:
+    """The `split` ("train" or "val") of an ImageNet-layout folder, evaluation transform applied.
+
+    With `indices`, only those examples (a `Subset`; items keep their index in the full folder).
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
+    dataset_dir = Path(dataset_dir)
+    if not dataset_dir.is_dir():
+        raise UserError(f"dataset directory {dataset_dir} does not exist")
+    split_dir = dataset_dir / split
+    if not split_dir.is_dir():
+        raise UserError(
+            f"{split_dir} is missing: the dataset directory must hold {'/ and '.join(SPLITS)}/, "
+            "each with one folder per class (val sorted into class folders)"
+        )
+    try:
+        dataset = IndexedImageFolder(str(split_dir), transform=eval_transform())
+    except FileNotFoundError as error:
+        # ImageFolder's own message names the class folders without images; a user needs the path too.
+        raise UserError(f"{split_dir}: {error}") from None
+    if indices is None:
+        return dataset
+    bad = [index for index in indices if not 0 <= index < len(dataset)]
+    if bad:
+        raise UserError(f"{split_dir} has {len(dataset)} images; index {bad[0]} is out of range")
+    return data.Subset(dataset, list(indices))
+
+
+def base_image_folder(dataset: data.Dataset) -> ImageFolder:
+    """The ImageFolder under a dataset that may be wrapped in `Subset`s."""
+    while isinstance(dataset, data.Subset):
+        dataset = dataset.dataset
+    return dataset
+
+
+def example_path(dataset: data.Dataset, position: int) -> Tuple[str, int]:
+    """File path and label of the `position`-th example of `dataset` (a folder or a Subset of one)."""
+    while isinstance(dataset, data.Subset):
+        position = dataset.indices[position]
+        dataset = dataset.dataset
+    return dataset.samples[position]
+
+
+def check_datasets(train_dataset: data.Dataset, query_dataset: data.Dataset, num_queries: int) -> None:
+    """Checks that the two splits fit together and hold enough queries (before the model is built)."""
+    train_folder, query_folder = base_image_folder(train_dataset), base_image_folder(query_dataset)
+    if train_folder.classes != query_folder.classes:
+        only_train = sorted(set(train_folder.classes) - set(query_folder.classes))
+        only_val = sorted(set(query_folder.classes) - set(train_folder.classes))
+        raise UserError(
+            f"train and val class folders differ: {len(only_train)} only in train (e.g. {only_train[:3]}), "
+            f"{len(only_val)} only in val (e.g. {only_val[:3]})"
+        )
+    if len(query_dataset) < num_queries:
+        raise UserError(
+            f"{query_folder.root} has {len(query_dataset)} images, fewer than the {num_queries} queries asked "
+            "for (--num_queries)"
+        )
+
+
+def check_model_fits_classes(dataset: data.Dataset, model: nn.Module) -> None:
+    num_classes = len(base_image_folder(dataset).classes)
+    if num_classes > num_outputs(model):
+        raise UserError(f"the dataset has {num_classes} classes but the model has only {num_outputs(model)} outputs")
+
+
+def weights_cache_path(weights_name: str) -> Path:
+    """Where torch.hub keeps the file of a torchvision weights entry once downloaded."""
+    url = ResNet50_Weights[weights_name].url
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+
+
+def pretrained_weights_cached(weights_name: str = DEFAULT_WEIGHTS) -> bool:
+    return weights_cache_path(weights_name).is_file()
+
+
+def _read_checkpoint(path: Path) -> Dict[str, Any]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file  # pylint: disable=import-outside-toplevel
+
+        return load_file(str(path))
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several unrelated types for a file that is not a checkpoint
+        raise UserError(f"checkpoint {path} could not be read as a PyTorch state dict ({type(error).__name__})") from None
+
+
+def load_checkpoint_state_dict(path: str | Path) -> Dict[str, torch.Tensor]:
+    """A ResNet-50 state dict from a file: plain, or wrapped under `state_dict`/`model`, with or without
+    the `module.` prefix that DistributedDataParallel adds."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    state_dict = _read_checkpoint(path)
+    for key in CHECKPOINT_WRAPPER_KEYS:
+        if isinstance(state_dict, dict) and isinstance(state_dict.get(key), dict):
+            state_dict = state_dict[key]
+            break
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise UserError(f"checkpoint {path} does not hold a state dict of tensors")
+    return {k[len(DDP_PREFIX) :] if k.startswith(DDP_PREFIX) else k: v for k, v in state_dict.items()}
+
+
+def model_from_state_dict(state_dict: Dict[str, torch.Tensor], source: str) -> nn.Module:
+    """A ResNet-50 with these weights; the number of outputs is read from `fc.weight`."""
+    if "fc.weight" not in state_dict or state_dict["fc.weight"].dim() != 2:
+        raise UserError(f"{source} is not a ResNet-50 state dict: it has no 2-d `fc.weight`")
+    model = resnet50(weights=None, num_classes=state_dict["fc.weight"].shape[0])
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    if missing or unexpected:
+        raise UserError(
+            f"{source} does not fit ResNet-50: {len(missing)} keys missing (e.g. {missing[:3]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+        )
+    for key, tensor in expected.items():
+        if state_dict[key].shape != tensor.shape:
+            raise UserError(
+                f"{source} does not fit ResNet-50: `{key}` has shape {tuple(state_dict[key].shape)}, "
+                f"expected {tuple(tensor.shape)}"
+            )
+    model.load_state_dict(state_dict)
+    return model
+
+
+def build_model(weights: Optional[str] = DEFAULT_WEIGHTS, checkpoint: Optional[str | Path] = None) -> nn.Module:
+    """The ResNet-50 to analyse, in eval mode.
+
+    `checkpoint`: a local state-dict file (takes precedence; `weights` must then be None).
+    `weights`: a `ResNet50_Weights` name, or `none` for random init.
+    """
+    if checkpoint is not None:
+        if weights is not None:
+            raise ValueError("pass either weights or checkpoint, not both")
+        model = model_from_state_dict(load_checkpoint_state_dict(checkpoint), f"checkpoint {checkpoint}")
+    elif weights == NO_WEIGHTS:
+        logger.warning(
+            "*** --weights none: ResNet-50 is RANDOMLY INITIALISED; influence scores of an untrained model "
+            "say nothing about a trained one. ***"
+        )
+        model = resnet50(weights=None)
+    else:
+        weights = weights or DEFAULT_WEIGHTS
+        if weights not in ResNet50_Weights.__members__:
+            raise UserError(f"unknown weights {weights!r}; choose from {weight_choices()}")
+        try:
+            model = resnet50(weights=ResNet50_Weights[weights])
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as error:
+            raise UserError(
+                f"could not download ResNet50_Weights.{weights} ({getattr(error, 'reason', error)}) and it is "
+                f"not cached at {weights_cache_path(weights)}; put the file there, or pass --checkpoint PATH "
+                "to a local state dict"
+            ) from None
+    return model.eval()
+
+
+def num_outputs(model: nn.Module) -> int:
+    return model.fc.out_features

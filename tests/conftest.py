@@ -1,0 +1,105 @@
+"""Shared fixtures: tiny ImageNet-layout folders under tmp_path, a saved random-init ResNet-50, and a
+small CNN with an indexed tensor dataset for the tests that check the mathematics quickly."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Dict, Sequence
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils import data
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+TINY_IMAGE_SIZE = 40
+
+
+def write_image_folder(
+    root: Path,
+    counts: Dict[str, Dict[str, int]],
+    size: int = TINY_IMAGE_SIZE,
+    seed: int = 0,
+) -> Path:
+    """Writes root/<split>/<class>/<n>.JPEG for counts = {split: {class: n}}; each class its own colour."""
+    rng = np.random.default_rng(seed)
+    for split, classes in counts.items():
+        for class_index, (name, count) in enumerate(sorted(classes.items())):
+            class_dir = root / split / name
+            class_dir.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                pixels = rng.integers(0, 60, size=(size, size, 3)) + 40 * class_index
+                Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(class_dir / f"{name}_{i:03d}.JPEG")
+    return root
+
+
+def tiny_counts(classes: Sequence[str] = ("n01", "n02"), train: int = 3, val: int = 2) -> Dict[str, Dict[str, int]]:
+    return {"train": {c: train for c in classes}, "val": {c: val for c in classes}}
+
+
+@pytest.fixture
+def tiny_imagenet(tmp_path: Path) -> Path:
+    """2 classes, 3 training and 2 validation images each."""
+    return write_image_folder(tmp_path / "imagenet", tiny_counts())
+
+
+@pytest.fixture(scope="session")
+def resnet50_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-init ResNet-50 state dict saved like a user's checkpoint (fixed seed)."""
+    from torchvision.models import resnet50
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("checkpoint") / "resnet50_random.pt"
+    torch.save(resnet50(weights=None).state_dict(), path)
+    return path
+
+
+class SmallCNN(nn.Module):
+    """Conv2d + Linear layers only, a few thousand parameters."""
+
+    def __init__(self, num_classes: int = 3) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 6, 3, stride=2, padding=1, bias=False)
+        self.fc = nn.Linear(6 * 4 * 4, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv1(x))
+        x = torch.relu(self.conv2(x))
+        return self.fc(x.flatten(1))
+
+
+class IndexedTensors(data.Dataset):
+    """(image, label, index) items, like pipeline.IndexedImageFolder."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        return self.images[index], int(self.labels[index]), index
+
+
+def small_problem(num_train: int = 12, num_query: int = 4, num_classes: int = 3, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    model = SmallCNN(num_classes)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    train = IndexedTensors(
+        torch.randn(num_train, 3, 8, 8, generator=generator),
+        torch.randint(0, num_classes, (num_train,), generator=generator),
+    )
+    query = IndexedTensors(
+        torch.randn(num_query, 3, 8, 8, generator=generator),
+        torch.randint(0, num_classes, (num_query,), generator=generator),
+    )
+    return model.eval(), train, query

@@ -1,0 +1,147 @@
+"""analyze.py end to end on a tiny ImageNet-layout folder with a saved random-init ResNet-50: the seed's
+command lines as a user types them, scores checked against autograd, reuse and refusal on rerun."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+
+import analyze
+import naming
+import pipeline
+from conftest import REPO_ROOT
+
+
+def _score_matrix(path: Path) -> torch.Tensor:
+    with safe_open(str(path), framework="pt") as handle:
+        assert list(handle.keys()) == [naming.SCORES_KEY]
+        return handle.get_tensor(naming.SCORES_KEY)
+
+
+def _tracked_grad(model, value):
+    parameters = [p for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for p in m.parameters()]
+    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(value, parameters)])
+
+
+def test_identity_scores_of_resnet50_equal_autograd_dot_products(tiny_imagenet, resnet50_checkpoint, tmp_path):
+    output_dir = tmp_path / "results"
+    argv = [
+        "--dataset_dir", str(tiny_imagenet), "--checkpoint", str(resnet50_checkpoint),
+        "--factor_strategy", "identity", "--query_batch_size", "2", "--train_batch_size", "3",
+        "--num_queries", "2", "--num_workers", "0", "--output_dir", str(output_dir),
+    ]
+    results = analyze.main(argv)
+    path = results["identity"]
+    assert path == naming.pairwise_scores_path(output_dir, "imagenet", "identity")
+    scores = _score_matrix(path)
+    assert scores.shape == (2, 6)
+
+    model = pipeline.build_model(weights=None, checkpoint=resnet50_checkpoint)
+    train = pipeline.get_imagenet_dataset("train", tiny_imagenet)
+    val = pipeline.get_imagenet_dataset("val", tiny_imagenet)
+    query_grads, train_grads = [], []
+    for image, label, _ in (val[0], val[1]):
+        logits = model(image[None])[0]
+        others = torch.cat([logits[:label], logits[label + 1 :]])
+        query_grads.append(_tracked_grad(model, -(logits[label] - others.logsumexp(0))))
+    for i in range(len(train)):
+        image, label, _ = train[i]
+        train_grads.append(_tracked_grad(model, F.cross_entropy(model(image[None]), torch.tensor([label]), reduction="sum")))
+    expected = torch.stack(query_grads) @ torch.stack(train_grads).T
+    torch.testing.assert_close(scores, expected, rtol=2e-3, atol=expected.abs().max().item() * 1e-4)
+
+    # The same command again reuses the finished scores: the file is not rewritten.
+    stamp = path.stat().st_mtime_ns
+    analyze.main(argv)
+    assert path.stat().st_mtime_ns == stamp
+
+    # A changed setting is refused with a message that names the change and --overwrite ...
+    record = json.loads((path.parent / naming.RUN_CONFIG_FILE).read_text())
+    assert record["settings"]["query_batch_size"] == 2 and record["depends_on"]["num_queries"] == 2
+    with pytest.raises(SystemExit) as caught:
+        analyze.main([*argv, "--damping_factor", "0.5"])
+    assert caught.value.code == 2
+    # ... and --overwrite replaces the stale scores.
+    analyze.main([*argv, "--damping_factor", "0.5", "--overwrite"])
+    assert path.stat().st_mtime_ns != stamp
+    assert json.loads((path.parent / naming.RUN_CONFIG_FILE).read_text())["depends_on"]["damping_factor"] == 0.5
+
+
+def test_changed_checkpoint_or_dataset_size_is_refused(tiny_imagenet, resnet50_checkpoint, tmp_path, capsys):
+    output_dir = tmp_path / "results"
+    base = [
+        "--dataset_dir", str(tiny_imagenet), "--factor_strategy", "identity", "--query_batch_size", "2",
+        "--train_batch_size", "6", "--num_queries", "1", "--num_workers", "0", "--output_dir", str(output_dir),
+    ]
+    analyze.main([*base, "--checkpoint", str(resnet50_checkpoint)])
+    capsys.readouterr()
+    other = tmp_path / "other.pt"
+    other.write_bytes(resnet50_checkpoint.read_bytes())
+    with pytest.raises(SystemExit):
+        analyze.main([*base, "--checkpoint", str(other)])
+    err = capsys.readouterr().err
+    assert "computed with other settings (model 'checkpoint:" in err and "--overwrite" in err
+    extra = tiny_imagenet / "train" / "n01" / "extra.JPEG"
+    extra.write_bytes((tiny_imagenet / "train" / "n01" / "n01_000.JPEG").read_bytes())
+    with pytest.raises(SystemExit):
+        analyze.main([*base, "--checkpoint", str(resnet50_checkpoint)])
+    assert "num_train 6 -> 7" in capsys.readouterr().err
+
+
+def _run_cli(argv, cwd: Path):
+    return subprocess.run(
+        [sys.executable, str(REPO_ROOT / "analyze.py"), *argv],
+        cwd=cwd, capture_output=True, text=True, timeout=1200, env={**os.environ, "PYTHONWARNINGS": "default"},
+    )
+
+
+def test_seed_command_lines_end_to_end(tiny_imagenet, resnet50_checkpoint, tmp_path):
+    """The seed's full-rank EKFAC command, then its rank-32 command, which reuses the factors."""
+    common = [
+        "--dataset_dir", str(tiny_imagenet), "--checkpoint", str(resnet50_checkpoint), "--num_queries", "3",
+        "--num_workers", "0", "--train_batch_size", "4", "--factor_strategy", "ekfac",
+    ]
+    full = _run_cli([*common, "--query_gradient_rank", "-1", "--query_batch_size", "2", "--profile"], tmp_path)
+    assert full.returncode == 0, full.stderr[-3000:]
+    assert "Perform Eigendecomposition" in full.stdout  # --profile prints the per-phase table
+    assert "FutureWarning" not in full.stderr
+    factors = naming.factors_dir(tmp_path / naming.DEFAULT_OUTPUT_DIR, "imagenet", "ekfac")
+    factor_files = sorted(factors.glob("*.safetensors"))
+    assert len(factor_files) >= 5  # activation/gradient covariances, eigenvectors, eigenvalues, lambda
+    stamps = {f: f.stat().st_mtime_ns for f in factor_files}
+
+    low = _run_cli([*common, "--query_gradient_rank", "32", "--query_batch_size", "3", "--profile"], tmp_path)
+    assert low.returncode == 0, low.stderr[-3000:]
+    assert "Perform Eigendecomposition" not in low.stdout and "Compute Pairwise Score" in low.stdout
+    assert {f: f.stat().st_mtime_ns for f in factor_files} == stamps
+
+    results = tmp_path / naming.DEFAULT_OUTPUT_DIR
+    full_scores = _score_matrix(naming.pairwise_scores_path(results, "imagenet", "ekfac"))
+    low_scores = _score_matrix(naming.pairwise_scores_path(results, "imagenet", "ekfac_qlr32"))
+    assert full_scores.shape == low_scores.shape == (3, 6)
+    assert torch.isfinite(full_scores).all() and torch.isfinite(low_scores).all()
+    assert not torch.equal(full_scores, low_scores)
+    # Rank 32 keeps most of the query gradient: each query's ranking of training images barely moves.
+    for q in range(3):
+        assert torch.corrcoef(torch.stack([full_scores[q], low_scores[q]]))[0, 1] > 0.9
+
+
+def test_half_precision_writes_bfloat16_scores_under_half_names(tiny_imagenet, resnet50_checkpoint, tmp_path):
+    argv = [
+        "--dataset_dir", str(tiny_imagenet), "--checkpoint", str(resnet50_checkpoint), "--num_queries", "2",
+        "--num_workers", "0", "--train_batch_size", "6", "--query_batch_size", "2", "--factor_strategy", "identity",
+        "--query_gradient_rank", "8", "--use_half_precision", "--output_dir", str(tmp_path / "out"),
+    ]
+    results = analyze.main(argv)
+    assert list(results) == ["identity_half_qlr8"]
+    scores = _score_matrix(results["identity_half_qlr8"])
+    assert scores.dtype == torch.bfloat16 and scores.shape == (2, 6)
+    assert naming.factors_dir(tmp_path / "out", "imagenet", "identity_half").is_dir()

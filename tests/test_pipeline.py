@@ -1,0 +1,203 @@
+"""pipeline.py: datasets from ImageNet-layout folders (odd real-world image files included), the
+ResNet-50 from weights or checkpoints, and a one-line error for each input a user can get wrong."""
+
+from __future__ import annotations
+
+import shutil
+import urllib.error
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.models import resnet50
+
+import analyze
+import pipeline
+from cli import UserError
+from conftest import tiny_counts, write_image_folder
+
+
+def test_odd_imagenet_files_load_as_rgb_224(tmp_path):
+    """Real ImageNet has CMYK JPEGs, grayscale JPEGs and a PNG saved under a .JPEG name."""
+    root = write_image_folder(tmp_path / "data", tiny_counts(train=1, val=1))
+    class_dir = root / "train" / "n01"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (50, 70, 4), dtype=np.uint8), mode="CMYK").save(class_dir / "cmyk.JPEG", format="JPEG")
+    Image.fromarray(rng.integers(0, 255, (300, 260), dtype=np.uint8), mode="L").save(class_dir / "gray.JPEG", format="JPEG")
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(class_dir / "png_inside.JPEG", format="PNG")
+    dataset = pipeline.get_imagenet_dataset("train", root)
+    names = [Path(path).name for path, _ in dataset.samples]
+    for name in ("cmyk.JPEG", "gray.JPEG", "png_inside.JPEG"):
+        image, label, index = dataset[names.index(name)]
+        assert image.shape == (3, pipeline.CROP_SIZE, pipeline.CROP_SIZE)
+        assert label == 0 and index == names.index(name)
+
+
+def test_items_carry_their_index_in_the_full_folder(tiny_imagenet):
+    subset = pipeline.get_imagenet_dataset("train", tiny_imagenet, indices=[4, 1])
+    assert [subset[i][2] for i in range(2)] == [4, 1]
+    assert pipeline.example_path(subset, 0) == pipeline.get_imagenet_dataset("train", tiny_imagenet).samples[4]
+
+
+def test_evaluation_transform_is_resize_256_center_crop_224_normalize():
+    image = Image.fromarray(np.full((300, 400, 3), 255, dtype=np.uint8))
+    tensor = pipeline.eval_transform()(image)
+    assert tensor.shape == (3, 224, 224)
+    expected = (1.0 - torch.tensor(pipeline.IMAGENET_MEAN)) / torch.tensor(pipeline.IMAGENET_STD)
+    torch.testing.assert_close(tensor[:, 0, 0], expected)
+
+
+@pytest.mark.parametrize("wrapper", ["plain", "state_dict", "model", "ddp_prefix", "safetensors"])
+def test_checkpoint_formats_load_the_same_weights(tmp_path, wrapper):
+    torch.manual_seed(1)
+    state = resnet50(weights=None, num_classes=7).state_dict()
+    if wrapper == "safetensors":
+        from safetensors.torch import save_file
+
+        path = tmp_path / "model.safetensors"
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    else:
+        payload = {
+            "plain": state,
+            "state_dict": {"state_dict": state, "epoch": 3},
+            "model": {"model": state, "optimizer": {}},
+            "ddp_prefix": {f"module.{k}": v for k, v in state.items()},
+        }[wrapper]
+        path = tmp_path / "model.pt"
+        torch.save(payload, path)
+    model = pipeline.build_model(weights=None, checkpoint=path)
+    assert pipeline.num_outputs(model) == 7
+    assert not model.training
+    torch.testing.assert_close(model.fc.weight, state["fc.weight"])
+    torch.testing.assert_close(model.layer4[2].conv3.weight, state["layer4.2.conv3.weight"])
+
+
+def test_checkpoint_with_wrong_keys_or_shapes_is_refused(tmp_path):
+    state = resnet50(weights=None).state_dict()
+    missing = dict(state)
+    del missing["layer1.0.conv1.weight"]
+    torch.save(missing, tmp_path / "missing.pt")
+    with pytest.raises(UserError, match="does not fit ResNet-50: 1 keys missing.*layer1.0.conv1.weight"):
+        pipeline.build_model(weights=None, checkpoint=tmp_path / "missing.pt")
+    wrong = dict(state)
+    wrong["layer1.0.conv1.weight"] = torch.zeros(3, 3, 1, 1)
+    torch.save(wrong, tmp_path / "wrong.pt")
+    with pytest.raises(UserError, match="`layer1.0.conv1.weight` has shape"):
+        pipeline.build_model(weights=None, checkpoint=tmp_path / "wrong.pt")
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="could not be read"):
+        pipeline.build_model(weights=None, checkpoint=tmp_path / "garbage.pt")
+    torch.save({"fc.weight": torch.zeros(2, 2048)}, tmp_path / "partial.pt")
+    with pytest.raises(UserError, match="keys missing"):
+        pipeline.build_model(weights=None, checkpoint=tmp_path / "partial.pt")
+
+
+def test_unreachable_weights_say_so_in_one_line(monkeypatch, tmp_path):
+    """No internet and nothing cached: the message names --checkpoint and the cache path."""
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    monkeypatch.setattr("torchvision.models._api.load_state_dict_from_url", offline)
+    with pytest.raises(UserError) as caught:
+        pipeline.build_model(weights="IMAGENET1K_V1")
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "--checkpoint" in message
+    assert str(tmp_path / "hub" / "checkpoints" / "resnet50-0676ba61.pth") in message
+
+
+def test_random_init_warns_loudly(caplog):
+    with caplog.at_level("WARNING"):
+        pipeline.build_model(weights="none")
+    assert "RANDOMLY INITIALISED" in caplog.text
+
+
+def _run_cli_error(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as caught:
+        analyze.main(argv)
+    assert caught.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "Traceback" not in err
+    return err
+
+
+def _break(case: str, root: Path, tmp_path: Path) -> list:
+    """Applies one bad-input case to a good tiny folder; returns the extra argv."""
+    if case == "no_dataset_dir":
+        shutil.rmtree(root)
+    elif case == "no_train":
+        shutil.rmtree(root / "train")
+    elif case == "no_val":
+        shutil.rmtree(root / "val")
+    elif case == "empty_class":
+        for file in (root / "train" / "n02").iterdir():
+            file.unlink()
+    elif case == "class_lists_differ":
+        (root / "val" / "n02").rename(root / "val" / "n03")
+    elif case == "too_few_val":
+        return ["--num_queries", "5"]
+    elif case == "too_many_classes":
+        state = resnet50(weights=None, num_classes=1).state_dict()
+        torch.save(state, tmp_path / "one_class.pt")
+        return ["--checkpoint", str(tmp_path / "one_class.pt")]
+    elif case == "missing_checkpoint":
+        return ["--checkpoint", str(tmp_path / "nowhere.pt")]
+    return []
+
+
+BAD_INPUTS = {
+    "no_dataset_dir": "dataset directory .*imagenet does not exist",
+    "no_train": "imagenet/train is missing",
+    "no_val": "imagenet/val is missing",
+    "empty_class": "imagenet/train: .*n02",
+    "class_lists_differ": "train and val class folders differ: 1 only in train .*n02.*1 only in val .*n03",
+    "too_few_val": "has 4 images, fewer than the 5 queries",
+    "too_many_classes": "2 classes but the model has only 1 outputs",
+    "missing_checkpoint": "checkpoint .*nowhere.pt does not exist",
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_gives_one_line_and_writes_nothing(case, tiny_imagenet, tmp_path, capsys):
+    extra = _break(case, tiny_imagenet, tmp_path)
+    if "--checkpoint" not in extra:
+        extra += ["--weights", "none"]
+    output_dir = tmp_path / "results"
+    argv = ["--dataset_dir", str(tiny_imagenet), "--output_dir", str(output_dir), "--factor_strategy", "identity", "--num_queries", "2", *extra]
+    err = _run_cli_error(argv, capsys)
+    assert err.startswith("analyze.py: error: ")
+    import re
+
+    assert re.search(BAD_INPUTS[case], err), err
+    assert not output_dir.exists()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--query_gradient_rank", "0"], "must be a positive rank, or -1"),
+        (["--train_batch_size", "-4"], "must be a positive integer"),
+        (["--num_queries", "0"], "must be a positive integer"),
+        (["--damping_factor", "-1"], "must be a finite number >= 0"),
+        (["--factor_strategy", "kfc"], "invalid choice: 'kfc'"),
+        (["--weights", "none", "--checkpoint", "x.pt"], "--checkpoint and --weights exclude each other"),
+        (["--demo"], "--demo makes its own dataset"),
+    ],
+)
+def test_impossible_flags_are_refused_by_the_parser(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as caught:
+        analyze.main(["--dataset_dir", str(tmp_path), *argv])
+    assert caught.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_dataset_dir_is_required_without_demo(capsys):
+    with pytest.raises(SystemExit):
+        analyze.main([])
+    assert "--dataset_dir is required" in capsys.readouterr().err

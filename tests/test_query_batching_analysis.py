@@ -1,0 +1,227 @@
+"""Tests for query_batching_analysis.py on tiny synthetic kronfluence score files: the statistics on
+cases whose answer is known, agreement with scipy run on whole rows, independence from the block size,
+ranks read from saved arguments and folder names, bfloat16 files, the real command line, each bad input's
+one-line message, and the benchmark's streamed safetensors writer."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, Optional
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from scipy.stats import pearsonr, spearmanr
+
+import query_batching_analysis as qba
+from benchmarks import query_batching_benchmark as bench
+from naming import SCORES_KEY, pairwise_scores_path, scores_dir, scores_name
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+NUM_QUERIES = 6
+NUM_TRAIN = 2000
+
+
+def write_scores(
+    folder: Path, scores: torch.Tensor, rank: Optional[int] = None, key: str = SCORES_KEY, metadata: bool = True
+) -> Path:
+    """A kronfluence-like score folder; metadata mimics ScoreArguments.to_str_dict()."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "pairwise_scores.safetensors"
+    saved: Optional[Dict[str, str]] = {qba.RANK_METADATA_KEY: str(rank)} if metadata else None
+    save_file({key: scores.contiguous()}, str(path), metadata=saved)
+    return path
+
+
+def random_scores(seed: int, shape=(NUM_QUERIES, NUM_TRAIN)) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def run_main(tmp_path: Path, full: Path, low: Path, *extra: str) -> dict:
+    return qba.main([
+        "--full_scores", str(full), "--low_rank_scores", str(low),
+        "--figure", str(tmp_path / "figure" / "qb.png"), *extra,
+    ])
+
+
+def test_identical_files_agree_perfectly(tmp_path):
+    scores = random_scores(0)
+    full = write_scores(tmp_path / "scores_ekfac", scores)
+    low = write_scores(tmp_path / "scores_ekfac_qlr32", scores, rank=32)
+    result = run_main(tmp_path, full, low)
+    for name in qba.STATISTICS:
+        assert result["statistics"][name]["minimum"] == pytest.approx(1.0, abs=1e-12), name
+        assert result["statistics"][name]["queries"] == NUM_QUERIES
+
+
+def test_monotone_nonlinear_transform_keeps_spearman_not_pearson(tmp_path):
+    scores = random_scores(1)
+    full = write_scores(tmp_path / "full", scores)
+    low = write_scores(tmp_path / "low", torch.exp(2 * scores), rank=8)
+    stats = run_main(tmp_path, full, low)["statistics"]
+    assert stats["Spearman"]["minimum"] == pytest.approx(1.0, abs=1e-12)
+    assert stats["Pearson"]["mean"] < 0.9
+    assert stats["top-10 overlap"]["minimum"] == 1.0 and stats["top-100 overlap"]["minimum"] == 1.0
+
+
+def test_independent_noise_is_near_zero(tmp_path):
+    full = write_scores(tmp_path / "full", random_scores(2))
+    low = write_scores(tmp_path / "low", random_scores(3), rank=8)
+    result = run_main(tmp_path, full, low)
+    for name in ("Spearman", "Pearson"):
+        assert max(abs(v) for v in result["per_query"][name]) < 0.1, name
+    # Expected overlap of two random top-100 sets out of 2000 is 100 / 2000 = 0.05.
+    assert result["statistics"]["top-100 overlap"]["mean"] < 0.15
+
+
+def test_matches_scipy_on_whole_rows_and_ignores_block_size(tmp_path):
+    scores = random_scores(4)
+    noisy = scores + 0.5 * random_scores(5)
+    full = write_scores(tmp_path / "full", scores)
+    low = write_scores(tmp_path / "low", noisy, rank=16)
+    by_block = [run_main(tmp_path, full, low, "--rows_per_block", str(b))["per_query"] for b in (1, 4, NUM_QUERIES)]
+    assert by_block[0] == by_block[1] == by_block[2]
+    x, y = scores.double().numpy(), noisy.double().numpy()
+    np.testing.assert_allclose(by_block[0]["Spearman"], [spearmanr(a, b).statistic for a, b in zip(x, y)], rtol=1e-12)
+    np.testing.assert_allclose(by_block[0]["Pearson"], [pearsonr(a, b).statistic for a, b in zip(x, y)], rtol=1e-6)
+    top = lambda row, k: set(np.argsort(-row)[:k])  # noqa: E731
+    expected = [len(top(a, 10) & top(b, 10)) / 10 for a, b in zip(x, y)]
+    assert by_block[0]["top-10 overlap"] == pytest.approx(expected)
+    assert 0.5 < np.mean(by_block[0]["Spearman"]) < 0.99
+
+
+def test_bfloat16_files_with_ties(tmp_path, capsys):
+    scores = random_scores(6).to(torch.bfloat16)
+    noisy = (scores.float() + 0.3 * random_scores(7)).to(torch.bfloat16)
+    full = write_scores(tmp_path / "scores_ekfac_half", scores)
+    low = write_scores(tmp_path / "scores_ekfac_half_qlr32", noisy, rank=32)
+    result = run_main(tmp_path, full, low, "--num_queries", "3")
+    assert "rank 32 (bfloat16)" in capsys.readouterr().out
+    x, y = scores.float().numpy(), noisy.float().numpy()
+    # bfloat16 has many tied scores; scipy's average ranks on the same values must agree.
+    assert len(np.unique(x[0])) < NUM_TRAIN
+    np.testing.assert_allclose(result["per_query"]["Spearman"], [spearmanr(a, b).statistic for a, b in zip(x[:3], y[:3])])
+    assert result["num_queries"] == 3 and len(result["per_query"]["Pearson"]) == 3
+
+
+def test_rank_from_saved_arguments_else_folder_name(tmp_path, capsys):
+    scores = random_scores(8)
+    full = write_scores(tmp_path / "anything", scores, rank=None)
+    low = write_scores(tmp_path / "scores_ekfac_qlr8", scores, metadata=False)
+    result = run_main(tmp_path, full, low)
+    assert (result["full_scores"]["rank"], result["low_rank_scores"]["rank"]) == (None, 8)
+    assert "rank 8 vs full rank" in capsys.readouterr().out
+    # Saved arguments win over the folder name.
+    low = write_scores(tmp_path / "scores_ekfac_qlr8b", scores, rank=64)
+    assert run_main(tmp_path, full, low.parent)["low_rank_scores"]["rank"] == 64
+
+
+def test_default_paths_come_from_naming(tmp_path):
+    full = write_scores(scores_dir(tmp_path, "net", scores_name("ekfac", False, None)), random_scores(9))
+    low = write_scores(scores_dir(tmp_path, "net", scores_name("ekfac", False, 32)), random_scores(9), rank=32)
+    assert full == pairwise_scores_path(tmp_path, "net", "ekfac")
+    result = qba.main(["--output_dir", str(tmp_path), "--analysis_name", "net", "--figure", str(tmp_path / "f.png")])
+    assert result["full_scores"]["path"] == str(full) and result["low_rank_scores"]["path"] == str(low)
+    assert json.loads((tmp_path / "f.json").read_text())["statistics"]["Spearman"]["minimum"] == pytest.approx(1.0)
+
+
+def test_command_line_writes_figure_and_summary(tmp_path):
+    scores = random_scores(10)
+    full = write_scores(tmp_path / "scores_ekfac", scores)
+    low = write_scores(tmp_path / "scores_ekfac_qlr32", scores + 0.1 * random_scores(11), rank=32)
+    figure, summary = tmp_path / "out" / "qb.png", tmp_path / "elsewhere" / "s.json"
+    completed = subprocess.run(
+        [sys.executable, "query_batching_analysis.py", "--full_scores", str(full.parent), "--low_rank_scores", str(low),
+         "--figure", str(figure), "--summary", str(summary), "--num_points", "300"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert completed.returncode == 0, completed.stderr
+    lines = completed.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("statistic"))
+    assert header.split()[1:] == ["mean", "median", "minimum", "5th", "percentile", "queries"]
+    assert [line.split()[0] for line in lines[lines.index(header) + 1:][:4]] == ["Spearman", "Pearson", "top-10", "top-100"]
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads(summary.read_text())
+    assert saved["num_points"] == 300 and saved["low_rank_scores"]["rank"] == 32
+    assert 0.9 < saved["statistics"]["Spearman"]["median"] < 1.0
+
+
+def expect_user_error(capsys, argv, *fragments: str) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        qba.main(argv)
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err.strip()
+    assert message.count("\n") == 0 and message.startswith("query_batching_analysis.py: error: ")
+    for fragment in fragments:
+        assert fragment in message
+
+
+def test_missing_file(tmp_path, capsys):
+    low = write_scores(tmp_path / "low", random_scores(12), rank=32)
+    missing = tmp_path / "nowhere" / "pairwise_scores.safetensors"
+    expect_user_error(capsys, ["--full_scores", str(missing), "--low_rank_scores", str(low)], "--full_scores", "not found", str(missing))
+
+
+def test_missing_default_files_name_their_path(tmp_path, capsys):
+    expected = pairwise_scores_path(tmp_path, "imagenet", "ekfac")
+    expect_user_error(capsys, ["--output_dir", str(tmp_path)], "not found", str(expected))
+
+
+def test_shapes_differ(tmp_path, capsys):
+    full = write_scores(tmp_path / "full", random_scores(13))
+    low = write_scores(tmp_path / "low", random_scores(13, (NUM_QUERIES, NUM_TRAIN + 1)), rank=32)
+    expect_user_error(
+        capsys, ["--full_scores", str(full), "--low_rank_scores", str(low)],
+        "shapes differ", f"{NUM_QUERIES} x {NUM_TRAIN}", f"{NUM_QUERIES} x {NUM_TRAIN + 1}",
+    )
+
+
+def test_file_without_all_modules_key(tmp_path, capsys):
+    full = write_scores(tmp_path / "full", random_scores(14))
+    low = write_scores(tmp_path / "low", random_scores(14), rank=32, key="conv1")
+    expect_user_error(capsys, ["--full_scores", str(full), "--low_rank_scores", str(low)], str(low), "no 'all_modules'", "conv1")
+
+
+def test_not_a_safetensors_file(tmp_path, capsys):
+    full = write_scores(tmp_path / "full", random_scores(15))
+    junk = tmp_path / "junk.safetensors"
+    junk.write_text("not scores")
+    expect_user_error(capsys, ["--full_scores", str(full), "--low_rank_scores", str(junk)], str(junk), "not a readable safetensors")
+
+
+def test_nan_in_scores(tmp_path, capsys):
+    scores = random_scores(16)
+    broken = scores.clone()
+    broken[4, 17] = float("nan")
+    full = write_scores(tmp_path / "full", scores)
+    low = write_scores(tmp_path / "low", broken, rank=32)
+    expect_user_error(
+        capsys, ["--full_scores", str(full), "--low_rank_scores", str(low), "--figure", str(tmp_path / "f.png"), "--rows_per_block", "2"],
+        str(low), "NaN", "query 4", "training example 17",
+    )
+    assert not (tmp_path / "f.png").exists()
+
+
+def test_too_many_queries_asked(tmp_path, capsys):
+    full = write_scores(tmp_path / "full", random_scores(17))
+    low = write_scores(tmp_path / "low", random_scores(17), rank=32)
+    expect_user_error(capsys, ["--full_scores", str(full), "--low_rank_scores", str(low), "--num_queries", "7"], "--num_queries 7", "6 queries")
+
+
+def test_benchmark_writer_makes_readable_files(tmp_path):
+    full, low = tmp_path / "a" / "f.safetensors", tmp_path / "b" / "l.safetensors"
+    bench.write_score_files(full, low, num_queries=5, num_train=301, dtype="bfloat16", rows_per_write=2)
+    with safe_open(str(full), framework="pt") as f_handle, safe_open(str(low), framework="pt") as l_handle:
+        f_scores, l_scores = f_handle.get_tensor(SCORES_KEY), l_handle.get_tensor(SCORES_KEY)
+        assert l_handle.metadata()[qba.RANK_METADATA_KEY] == str(bench.LOW_RANK)
+    assert f_scores.shape == (5, 301) and f_scores.dtype == torch.bfloat16
+    # Rounding to bfloat16 by hand must match torch's rounding of the same float32 values.
+    rng = np.random.default_rng(bench.SEED)
+    first = rng.standard_normal((2, 301), dtype=np.float32)
+    assert torch.equal(f_scores[:2], torch.from_numpy(first).to(torch.bfloat16))
+    assert 0.8 < spearmanr(f_scores[0].float(), l_scores[0].float()).statistic < 1.0
