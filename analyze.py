@@ -57,7 +57,7 @@ DEMO_DEFAULTS = {
     "train_batch_size": 8,
     "num_queries": None,  # every demo val image
     "damping_factor": None,
-    "analysis_name": "demo",
+    "analysis_name": naming.DEMO_ANALYSIS_NAME,
 }
 DEMO_LOW_RANK = 32
 MAX_DEFAULT_WORKERS = 8
@@ -183,7 +183,9 @@ def _differences(saved: Dict[str, Any], current: Dict[str, Any]) -> List[str]:
     return [f"{key} {saved.get(key)!r} -> {current.get(key)!r}" for key in keys if saved.get(key) != current.get(key)]
 
 
-def claim_results_dir(directory: Path, depends_on: Dict[str, Any], settings: AnalysisSettings, what: str) -> Dict[str, Any]:
+def claim_results_dir(
+    directory: Path, depends_on: Dict[str, Any], settings: AnalysisSettings, what: str, resolved: Dict[str, Any]
+) -> Dict[str, Any]:
     """Makes `directory` hold results of exactly `depends_on`; returns its run record.
 
     A directory recorded with other settings is refused (or emptied with `--overwrite`); a matching one
@@ -213,6 +215,7 @@ def claim_results_dir(directory: Path, depends_on: Dict[str, Any], settings: Ana
         "id": uuid.uuid4().hex,
         "depends_on": depends_on,
         "settings": dataclasses.asdict(settings),
+        "resolved": resolved,
         "python": sys.version.split()[0],
         "torch": torch.__version__,
     }
@@ -258,12 +261,13 @@ def fit_factors(analyzer: Any, train_dataset: data.Dataset, settings: AnalysisSe
         "seed": settings.seed,
         **provenance["train"],
     }
-    record = claim_results_dir(directory, depends_on, settings, "factors")
+    batch_size = factor_batch_size(settings, analyzer)
+    record = claim_results_dir(directory, depends_on, settings, "factors", {"factor_batch_size": batch_size})
     torch.manual_seed(settings.seed)
     analyzer.fit_all_factors(
         factors_name=settings.factors_name,
         dataset=train_dataset,
-        per_device_batch_size=factor_batch_size(settings, analyzer),
+        per_device_batch_size=batch_size,
         factor_args=factor_arguments(settings),
     )
     return record
@@ -287,7 +291,9 @@ def compute_scores(
         "use_half_precision": settings.use_half_precision,
         **provenance["query"],
     }
-    claim_results_dir(directory, depends_on, settings, "scores")
+    score_args = score_arguments(settings, len(query_dataset))
+    resolved = {"query_gradient_accumulation_steps": score_args.query_gradient_accumulation_steps}
+    claim_results_dir(directory, depends_on, settings, "scores", resolved)
     path = directory / naming.PAIRWISE_SCORES_FILE
     if path.is_file():
         logger.info("reusing finished scores %s", path)
@@ -300,7 +306,7 @@ def compute_scores(
         train_dataset=train_dataset,
         per_device_query_batch_size=settings.query_batch_size,
         per_device_train_batch_size=settings.train_batch_size,
-        score_args=score_arguments(settings, len(query_dataset)),
+        score_args=score_args,
     )
     return path
 

@@ -11,6 +11,7 @@ from kronfluence.utils.constants import FACTOR_SAVE_PREFIX, SCORE_SAVE_PREFIX
 
 DEFAULT_OUTPUT_DIR = "influence_results"
 DEFAULT_ANALYSIS_NAME = "imagenet"
+DEMO_ANALYSIS_NAME = "demo"  # where `analyze.py --demo` writes, so demo results never mix with real ones
 PAIRWISE_SCORES_FILE = "pairwise_scores.safetensors"
 SELF_SCORES_FILE = "self_scores.safetensors"
 # kronfluence sums the per-module scores under this key unless per-module scores are asked for.

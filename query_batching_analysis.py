@@ -26,6 +26,7 @@ from tqdm import tqdm
 from cli import UserError, setup_logging, user_errors
 from naming import (
     DEFAULT_ANALYSIS_NAME,
+    DEMO_ANALYSIS_NAME,
     DEFAULT_OUTPUT_DIR,
     PAIRWISE_SCORES_FILE,
     SCORES_KEY,
@@ -149,7 +150,10 @@ def read_rows(score_file: ScoreFile, start: int, stop: int) -> np.ndarray:
 
 
 def top_k_overlap(first: np.ndarray, second: np.ndarray, k: int) -> float:
-    """The fraction of the k largest scores (most helpful training examples) that two rows share."""
+    """The fraction of the k largest scores (most helpful training examples) that two rows share; NaN
+    (not defined) when there are no more than k training examples, where it would be 1 whatever the scores."""
+    if first.size <= k:
+        return math.nan
     first_top = np.argpartition(-first, k - 1)[:k]
     second_top = np.argpartition(-second, k - 1)[:k]
     return np.intersect1d(first_top, second_top).size / k
@@ -233,7 +237,12 @@ def draw_figure(
     full_scores, low_scores = scatter
     spearman = per_query[SPEARMAN]
     figure, (left, right) = plt.subplots(1, 2, figsize=(12, 5))
-    left.scatter(full_scores, low_scores, s=2, alpha=0.4, linewidths=0)
+    # Small markers for thousands of points, visible ones for a demo-sized handful; y = x for reference.
+    left.scatter(full_scores, low_scores, s=2 if full_scores.size > 500 else 16, alpha=0.5, linewidths=0)
+    if full_scores.size:
+        low_end, high_end = float(min(full_scores.min(), low_scores.min())), float(max(full_scores.max(), low_scores.max()))
+        left.plot([low_end, high_end], [low_end, high_end], color="grey", linewidth=0.8, linestyle=":", label="y = x")
+        left.legend(loc="upper left")
     left.set_xlabel(f"{full.label} score")
     left.set_ylabel(f"{low.label} score")
     left.set_title(
@@ -269,6 +278,20 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def default_analysis_name(output_dir: Path) -> str:
+    """The seed's analysis, or the demo's when only the demo has been run (said in the log)."""
+    def seed_files_exist(analysis_name: str) -> bool:
+        return all(
+            pairwise_scores_path(output_dir, analysis_name, scores_name(SEED_STRATEGY, False, rank)).is_file()
+            for rank in (None, SEED_LOW_RANK)
+        )
+
+    if not seed_files_exist(DEFAULT_ANALYSIS_NAME) and seed_files_exist(DEMO_ANALYSIS_NAME):
+        logger.info("no scores under %s; using the demo's (%s)", output_dir / DEFAULT_ANALYSIS_NAME, output_dir / DEMO_ANALYSIS_NAME)
+        return DEMO_ANALYSIS_NAME
+    return DEFAULT_ANALYSIS_NAME
+
+
 def build_parser() -> argparse.ArgumentParser:
     full_name = scores_name(SEED_STRATEGY, False, None)
     low_name = scores_name(SEED_STRATEGY, False, SEED_LOW_RANK)
@@ -276,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--full_scores", type=Path, help=f"Full-rank pairwise scores: a score folder or a .safetensors file (default: the `{full_name}` scores under --output_dir/--analysis_name).")
     parser.add_argument("--low_rank_scores", type=Path, help=f"Low-rank (query-batched) pairwise scores: a score folder or a .safetensors file (default: the `{low_name}` scores under --output_dir/--analysis_name).")
     parser.add_argument("--output_dir", type=Path, default=Path(DEFAULT_OUTPUT_DIR), help=f"analyze.py's results folder, for the default score files (default: {DEFAULT_OUTPUT_DIR}).")
-    parser.add_argument("--analysis_name", default=DEFAULT_ANALYSIS_NAME, help=f"Sub-folder of --output_dir, for the default score files (default: {DEFAULT_ANALYSIS_NAME}).")
+    parser.add_argument("--analysis_name", help=f"Sub-folder of --output_dir, for the default score files (default: {DEFAULT_ANALYSIS_NAME}; when it has no scores but `analyze.py --demo` has run, {DEMO_ANALYSIS_NAME}).")
     parser.add_argument("--num_queries", type=_positive_int, help="Compare the first N queries (default: all).")
     parser.add_argument("--num_points", type=_positive_int, default=DEFAULT_NUM_POINTS, help=f"Training examples drawn at random for the scatter plot (default: {DEFAULT_NUM_POINTS}).")
     parser.add_argument("--scatter_query", type=_non_negative_int, default=0, help="Query whose scores the scatter plot shows (default: 0).")
@@ -291,6 +314,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     args = parser.parse_args(argv)
     setup_logging()
     with user_errors(PROG):
+        if args.analysis_name is None:
+            args.analysis_name = default_analysis_name(args.output_dir)
         full_path = resolve_scores_path(
             args.full_scores or pairwise_scores_path(args.output_dir, args.analysis_name, scores_name(SEED_STRATEGY, False, None))
         )
@@ -306,7 +331,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
                 f"{low.num_queries} x {low.num_train} (queries x training examples); both must score the same queries and training set"
             )
         if full.num_train <= max(TOP_K):
-            raise UserError(f"{full.path} has {full.num_train} training examples; the top-{max(TOP_K)} overlap needs more")
+            logger.warning(
+                "only %d training examples: top-k overlaps with k >= %d are not defined (n/a)", full.num_train, full.num_train
+            )
         num_queries = full.num_queries if args.num_queries is None else args.num_queries
         if num_queries > full.num_queries:
             raise UserError(f"--num_queries {num_queries} exceeds the {full.num_queries} queries in {full.path}")

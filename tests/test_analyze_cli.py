@@ -17,7 +17,7 @@ from safetensors import safe_open
 import analyze
 import naming
 import pipeline
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, tiny_counts, write_image_folder
 
 
 def _score_matrix(path: Path) -> torch.Tensor:
@@ -44,19 +44,22 @@ def test_identity_scores_of_resnet50_equal_autograd_dot_products(tiny_imagenet, 
     scores = _score_matrix(path)
     assert scores.shape == (2, 6)
 
-    model = pipeline.build_model(weights=None, checkpoint=resnet50_checkpoint)
+    # The reference is computed in float64: plain float32 autograd on ResNet-50 is itself off by ~0.8%
+    # here (measured), while kronfluence's float32 scores stay within 0.1% of float64.
+    model = pipeline.build_model(weights=None, checkpoint=resnet50_checkpoint).double()
     train = pipeline.get_imagenet_dataset("train", tiny_imagenet)
     val = pipeline.get_imagenet_dataset("val", tiny_imagenet)
     query_grads, train_grads = [], []
     for image, label, _ in (val[0], val[1]):
-        logits = model(image[None])[0]
+        logits = model(image[None].double())[0]
         others = torch.cat([logits[:label], logits[label + 1 :]])
         query_grads.append(_tracked_grad(model, -(logits[label] - others.logsumexp(0))))
     for i in range(len(train)):
         image, label, _ = train[i]
-        train_grads.append(_tracked_grad(model, F.cross_entropy(model(image[None]), torch.tensor([label]), reduction="sum")))
+        loss = F.cross_entropy(model(image[None].double()), torch.tensor([label]), reduction="sum")
+        train_grads.append(_tracked_grad(model, loss))
     expected = torch.stack(query_grads) @ torch.stack(train_grads).T
-    torch.testing.assert_close(scores, expected, rtol=2e-3, atol=expected.abs().max().item() * 1e-4)
+    torch.testing.assert_close(scores.double(), expected, rtol=3e-3, atol=0.0)
 
     # The same command again reuses the finished scores: the file is not rewritten.
     stamp = path.stat().st_mtime_ns
@@ -103,10 +106,12 @@ def _run_cli(argv, cwd: Path):
     )
 
 
-def test_seed_command_lines_end_to_end(tiny_imagenet, resnet50_checkpoint, tmp_path):
-    """The seed's full-rank EKFAC command, then its rank-32 command, which reuses the factors."""
+def test_seed_command_lines_end_to_end(resnet50_checkpoint, tmp_path):
+    """The seed's full-rank EKFAC command, then its rank-32 command, which reuses the factors (the one
+    true end-to-end ResNet-50 EKFAC run of the suite: about 3 minutes on 2 cores)."""
+    dataset = write_image_folder(tmp_path / "imagenet", tiny_counts(train=2, val=2))
     common = [
-        "--dataset_dir", str(tiny_imagenet), "--checkpoint", str(resnet50_checkpoint), "--num_queries", "3",
+        "--dataset_dir", str(dataset), "--checkpoint", str(resnet50_checkpoint), "--num_queries", "3",
         "--num_workers", "0", "--train_batch_size", "4", "--factor_strategy", "ekfac",
     ]
     full = _run_cli([*common, "--query_gradient_rank", "-1", "--query_batch_size", "2", "--profile"], tmp_path)
@@ -115,7 +120,8 @@ def test_seed_command_lines_end_to_end(tiny_imagenet, resnet50_checkpoint, tmp_p
     assert "FutureWarning" not in full.stderr
     factors = naming.factors_dir(tmp_path / naming.DEFAULT_OUTPUT_DIR, "imagenet", "ekfac")
     factor_files = sorted(factors.glob("*.safetensors"))
-    assert len(factor_files) >= 5  # activation/gradient covariances, eigenvectors, eigenvalues, lambda
+    assert {"activation_covariance", "gradient_covariance", "activation_eigenvectors", "gradient_eigenvectors",
+            "lambda_matrix"} <= {f.stem for f in factor_files}
     stamps = {f: f.stat().st_mtime_ns for f in factor_files}
 
     low = _run_cli([*common, "--query_gradient_rank", "32", "--query_batch_size", "3", "--profile"], tmp_path)
@@ -126,7 +132,7 @@ def test_seed_command_lines_end_to_end(tiny_imagenet, resnet50_checkpoint, tmp_p
     results = tmp_path / naming.DEFAULT_OUTPUT_DIR
     full_scores = _score_matrix(naming.pairwise_scores_path(results, "imagenet", "ekfac"))
     low_scores = _score_matrix(naming.pairwise_scores_path(results, "imagenet", "ekfac_qlr32"))
-    assert full_scores.shape == low_scores.shape == (3, 6)
+    assert full_scores.shape == low_scores.shape == (3, 4)
     assert torch.isfinite(full_scores).all() and torch.isfinite(low_scores).all()
     assert not torch.equal(full_scores, low_scores)
     # Rank 32 keeps most of the query gradient: each query's ranking of training images barely moves.
