@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from kronfluence.analyzer import Analyzer, prepare_model
 from kronfluence.arguments import FactorArguments, ScoreArguments
@@ -34,9 +35,10 @@ from torch import nn
 from torch.utils import data
 
 import demo
+import distributed
 import naming
 import pipeline
-from cli import UserError, setup_logging, user_errors
+from cli import UserError, non_negative_int, positive_int, setup_logging, user_errors
 
 logger = logging.getLogger("analyze")
 
@@ -62,6 +64,7 @@ DEMO_DEFAULTS = {
 DEMO_LOW_RANK = 32
 MAX_DEFAULT_WORKERS = 8
 HALF_DTYPE = torch.bfloat16
+FACTOR_MAX_EXAMPLES = 100_000  # kronfluence's cap for covariance and lambda fitting, as upstream used
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,6 +231,10 @@ def make_analyzer(model: nn.Module, settings: AnalysisSettings) -> Any:
 
     task = ClassificationTask(settings.seed)
     model = prepare_model(model, task)
+    if distributed.uses_gloo():
+        import kronfluence_gloo_shim  # pylint: disable=import-outside-toplevel
+
+        model = kronfluence_gloo_shim.wrap_model(model)
     analyzer = Analyzer(
         analysis_name=settings.analysis_name,
         model=model,
@@ -252,21 +259,33 @@ def factor_batch_size(settings: AnalysisSettings, analyzer: Any) -> Optional[int
     return settings.train_batch_size
 
 
-def fit_factors(analyzer: Any, train_dataset: data.Dataset, settings: AnalysisSettings, provenance: Dict[str, Any]) -> Dict[str, Any]:
+def fit_factors(
+    analyzer: Any,
+    train_dataset: data.Dataset,
+    settings: AnalysisSettings,
+    provenance: Dict[str, Any],
+    layout: distributed.Layout = distributed.Layout(),
+) -> Dict[str, Any]:
     """Fits (or reuses) covariance, eigendecomposition and lambda factors; returns the factors' record."""
     directory = analyzer.factors_output_dir(settings.factors_name)
+    fit_dataset = factor_examples(train_dataset, settings.seed)
     depends_on = {
         "strategy": settings.strategy,
         "use_half_precision": settings.use_half_precision,
         "seed": settings.seed,
+        "factor_examples": len(fit_dataset),
         **provenance["train"],
     }
     batch_size = factor_batch_size(settings, analyzer)
-    record = claim_results_dir(directory, depends_on, settings, "factors", {"factor_batch_size": batch_size})
+    record = distributed.on_main(
+        layout, lambda: claim_results_dir(
+            directory, depends_on, settings, "factors", {"factor_batch_size": batch_size, **provenance.get("inputs", {})}
+        )
+    )
     torch.manual_seed(settings.seed)
     analyzer.fit_all_factors(
         factors_name=settings.factors_name,
-        dataset=train_dataset,
+        dataset=fit_dataset,
         per_device_batch_size=batch_size,
         factor_args=factor_arguments(settings),
     )
@@ -280,6 +299,7 @@ def compute_scores(
     settings: AnalysisSettings,
     provenance: Dict[str, Any],
     factors_record: Dict[str, Any],
+    layout: distributed.Layout = distributed.Layout(),
 ) -> Path:
     """Computes (or reuses) the pairwise scores; returns the path of the score file."""
     directory = analyzer.scores_output_dir(settings.scores_name)
@@ -292,8 +312,8 @@ def compute_scores(
         **provenance["query"],
     }
     score_args = score_arguments(settings, len(query_dataset))
-    resolved = {"query_gradient_accumulation_steps": score_args.query_gradient_accumulation_steps}
-    claim_results_dir(directory, depends_on, settings, "scores", resolved)
+    resolved = {"query_gradient_accumulation_steps": score_args.query_gradient_accumulation_steps, **provenance.get("inputs", {})}
+    distributed.on_main(layout, lambda: claim_results_dir(directory, depends_on, settings, "scores", resolved))
     path = directory / naming.PAIRWISE_SCORES_FILE
     if path.is_file():
         logger.info("reusing finished scores %s", path)
@@ -307,6 +327,9 @@ def compute_scores(
         per_device_query_batch_size=settings.query_batch_size,
         per_device_train_batch_size=settings.train_batch_size,
         score_args=score_args,
+        # No finished score file: whatever kronfluence left here (its arguments from an interrupted run,
+        # perhaps with other batch sizes) is replaced rather than compared.
+        overwrite_output_dir=True,
     )
     return path
 
@@ -322,27 +345,29 @@ def load_scores(path: Path) -> torch.Tensor:
     return load_file(str(path))[naming.SCORES_KEY]
 
 
-def dataset_provenance(dataset_dir: Path, train_dataset: data.Dataset, query_dataset: data.Dataset, model_source: str) -> Dict[str, Any]:
-    """What results depend on besides the flags: the model and which images were used."""
-    train = {"model": model_source, "dataset_dir": str(dataset_dir.resolve()), "num_train": len(train_dataset)}
-    return {"train": train, "query": {**train, "num_queries": len(query_dataset)}}
+def dataset_provenance(train_dataset: data.Dataset, query_dataset: data.Dataset, model_source: str) -> Dict[str, Any]:
+    """What results depend on besides the flags: the model's weights and which images were used (file
+    lists, not folder locations, so a moved dataset or a copied checkpoint is still recognised)."""
+    train = {
+        "model": model_source,
+        "num_train": len(train_dataset),
+        "train_files_sha256": pipeline.samples_fingerprint(train_dataset),
+    }
+    query = {"num_queries": len(query_dataset), "query_files_sha256": pipeline.samples_fingerprint(query_dataset)}
+    return {"train": train, "query": {**train, **query}}
+
+
+def factor_examples(train_dataset: data.Dataset, seed: int) -> data.Dataset:
+    """The training images the factors are fitted on: all of them up to FACTOR_MAX_EXAMPLES, else a random
+    subset drawn with `seed`. kronfluence would take the first 100,000, which in ImageFolder order are the
+    first ~78 of ImageNet's 1,000 classes."""
+    if len(train_dataset) <= FACTOR_MAX_EXAMPLES:
+        return train_dataset
+    chosen = np.random.default_rng(seed).choice(len(train_dataset), size=FACTOR_MAX_EXAMPLES, replace=False)
+    return data.Subset(train_dataset, sorted(chosen.tolist()))
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be zero or a positive integer, not {text}")
-    return value
 
 
 def _rank(text: str) -> Optional[int]:
@@ -374,21 +399,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--demo", action="store_true", help="Run offline on generated images under data/demo/ (made once); no dataset, download or GPU needed.")
     parser.add_argument("--factor_strategy", choices=STRATEGIES, default="ekfac", help="Hessian approximation (default: ekfac).")
     parser.add_argument("--query_gradient_rank", type=_rank, default=None, help=f"Rank of the low-rank query gradients (query batching); {FULL_RANK} for full rank (default).")
-    parser.add_argument("--query_batch_size", type=_positive_int, help="Queries per batch (default: 100; demo 8).")
-    parser.add_argument("--train_batch_size", type=_positive_int, help="Training images per batch when scoring (default: 256; demo 8).")
-    parser.add_argument("--factor_batch_size", type=_positive_int, help="Training images per batch when fitting factors (default: searched on one GPU, else --train_batch_size).")
-    parser.add_argument("--query_gradient_accumulation_steps", type=_positive_int, help="Query batches gathered per pass over the training set (default: all of them with a low rank, 1 at full rank).")
-    parser.add_argument("--num_queries", type=_positive_int, help="Score the first N validation images (default: 1000; demo: all).")
+    parser.add_argument("--query_batch_size", type=positive_int, help="Queries per batch (default: 100; demo 8).")
+    parser.add_argument("--train_batch_size", type=positive_int, help="Training images per batch when scoring (default: 256; demo 8).")
+    parser.add_argument("--factor_batch_size", type=positive_int, help="Training images per batch when fitting factors (default: searched on one GPU, else --train_batch_size).")
+    parser.add_argument("--query_gradient_accumulation_steps", type=positive_int, help="Query batches gathered per pass over the training set (default: all of them with a low rank, 1 at full rank).")
+    parser.add_argument("--num_queries", type=positive_int, help="Score the first N validation images (default: 1000; demo: all).")
     parser.add_argument("--use_half_precision", action="store_true", help="bfloat16 factors and scores (names get _half).")
     parser.add_argument("--damping_factor", type=_damping, default=argparse.SUPPRESS, help=f"Damping added to the Hessian approximation: a number, or '{HEURISTIC_DAMPING}' for 0.1 x mean eigenvalue (default: 1e-8; demo: heuristic).")
-    parser.add_argument("--num_workers", type=_non_negative_int, help=f"DataLoader worker processes (default: CPU count, at most {MAX_DEFAULT_WORKERS}; demo 0).")
+    parser.add_argument("--num_workers", type=non_negative_int, help=f"DataLoader worker processes (default: CPU count, at most {MAX_DEFAULT_WORKERS}; demo 0).")
     parser.add_argument("--output_dir", type=Path, default=Path(naming.DEFAULT_OUTPUT_DIR), help="Where results go (default: influence_results).")
     parser.add_argument("--analysis_name", help="Sub-folder of --output_dir for this model and data (default: imagenet; demo: demo).")
     parser.add_argument("--weights", choices=pipeline.weight_choices(), help=f"torchvision ResNet50_Weights to load, or 'none' for random init (default: {pipeline.DEFAULT_WEIGHTS}; demo: that if cached, else none).")
     parser.add_argument("--checkpoint", type=Path, help="Local ResNet-50 state dict (.pt/.pth/.safetensors; may be wrapped under state_dict/model, module. prefixes allowed) instead of --weights.")
-    parser.add_argument("--seed", type=_non_negative_int, default=0, help="Seed for every random choice (true-Fisher labels, randomised SVD) (default: 0).")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="Seed for every random choice (true-Fisher labels, randomised SVD) (default: 0).")
     parser.add_argument("--overwrite", action="store_true", help="Replace results on disk that were computed with other settings (finished matching results are still reused).")
     parser.add_argument("--profile", action="store_true", help="Print the per-phase timing table at the end.")
+    parser.add_argument("--dist_timeout", type=positive_int, default=distributed.DEFAULT_TIMEOUT_S, help=f"Under torchrun: seconds a rank waits for the others in a collective before it fails (default: {distributed.DEFAULT_TIMEOUT_S}).")
     return parser
 
 
@@ -438,16 +464,16 @@ def _check_output_dir(output_dir: Path) -> None:
         raise UserError(f"output directory {output_dir} cannot be written (no write permission on {existing})")
 
 
-def run(args: argparse.Namespace) -> Dict[str, Path]:
+def run(args: argparse.Namespace, layout: distributed.Layout) -> Dict[str, Path]:
     """Builds everything, runs the analysis; returns the score files, keyed by scores name."""
-
     settings = settings_from_args(args)
     _check_output_dir(Path(settings.output_dir))
-    if args.checkpoint is not None and not args.checkpoint.is_file():
-        raise UserError(f"checkpoint {args.checkpoint} does not exist")
+    if args.checkpoint is not None:
+        pipeline.check_checkpoint_path(args.checkpoint)
+    distributed.init(layout, args.dist_timeout)
     weights = args.weights
     if args.demo:
-        args.dataset_dir = demo.make_demo_dataset()
+        args.dataset_dir = distributed.on_main(layout, demo.make_demo_dataset)
         if weights is None and args.checkpoint is None and not pipeline.pretrained_weights_cached():
             logger.warning("demo: pretrained ResNet-50 weights are not cached (no download here); using random init")
             weights = pipeline.NO_WEIGHTS
@@ -459,29 +485,42 @@ def run(args: argparse.Namespace) -> Dict[str, Path]:
     pipeline.check_datasets(train_dataset, val_dataset, num_queries)
     if weights is None and args.checkpoint is None:
         weights = pipeline.DEFAULT_WEIGHTS
+    if args.checkpoint is None and weights != pipeline.NO_WEIGHTS and not args.demo:
+        pipeline.check_pretrained_classes(train_dataset, weights)
     model = pipeline.build_model(weights=weights, checkpoint=args.checkpoint)
     pipeline.check_model_fits_classes(train_dataset, model)
     query_dataset = data.Subset(val_dataset, list(range(num_queries)))
-    model_source = f"checkpoint:{args.checkpoint.resolve()}" if args.checkpoint is not None else f"weights:{weights}"
-    provenance = dataset_provenance(dataset_dir, train_dataset, query_dataset, model_source)
+    if args.checkpoint is not None:
+        model_source = f"checkpoint sha256:{pipeline.file_sha256(args.checkpoint)}"
+    else:
+        model_source = f"weights:{weights}"
+    provenance = dataset_provenance(train_dataset, query_dataset, model_source)
+    provenance["inputs"] = {  # where things were, for the record; results do not depend on it
+        "dataset_dir": str(dataset_dir.resolve()),
+        "checkpoint": str(args.checkpoint.resolve()) if args.checkpoint is not None else None,
+    }
     logger.info(
-        "%s: %d training images, %d queries, strategy %s, %s, %s",
+        "%s: %d training images, %d queries, strategy %s, %s, %s%s",
         model_source, len(train_dataset), num_queries, settings.strategy,
         f"rank {settings.query_gradient_rank}" if settings.query_gradient_rank else "full rank",
         "bfloat16" if settings.use_half_precision else "float32",
+        f", {layout.world_size} processes" if layout.distributed else "",
     )
 
     analyzer = make_analyzer(model, settings)
-    factors_record = fit_factors(analyzer, train_dataset, settings, provenance)
+    factors_record = fit_factors(analyzer, train_dataset, settings, provenance, layout)
     runs = [settings]
     if args.demo:
         low_rank = settings.query_gradient_rank or DEMO_LOW_RANK
         runs = [dataclasses.replace(settings, query_gradient_rank=None), dataclasses.replace(settings, query_gradient_rank=low_rank)]
     results: Dict[str, Path] = {}
     for run_settings in runs:
-        path = compute_scores(analyzer, train_dataset, query_dataset, run_settings, provenance, factors_record)
+        path = compute_scores(analyzer, train_dataset, query_dataset, run_settings, provenance, factors_record, layout)
         results[run_settings.scores_name] = path
-        logger.info("scores `%s`: %s, shape %s", run_settings.scores_name, path, scores_shape(path))
+        if layout.is_main:
+            logger.info("scores `%s`: %s, shape %s", run_settings.scores_name, path, scores_shape(path))
+    if not layout.is_main:
+        return results
     table = analyzer.profiler.summary() if settings.profile else ""
     if args.demo:
         scores = {name: load_scores(path) for name, path in results.items()}
@@ -491,11 +530,41 @@ def run(args: argparse.Namespace) -> Dict[str, Path]:
     return results
 
 
+COLLECTIVE_FAILURE_MARKERS = ("Timed out", "Connection closed", "Connection reset", "gloo", "NCCL")
+
+
+def _is_collective_failure(error: RuntimeError) -> bool:
+    return any(marker in str(error) for marker in COLLECTIVE_FAILURE_MARKERS)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Path]:
     args = parse_args(argv)
+    layout = distributed.layout_from_env()
     setup_logging()
-    with user_errors("analyze.py"):
-        return run(args)
+    if not layout.is_main:
+        logging.getLogger().setLevel(logging.WARNING)  # one rank reports; the others only warn
+    try:
+        with user_errors("analyze.py"):
+            try:
+                return run(args, layout)
+            except torch.OutOfMemoryError:
+                raise UserError(
+                    "out of memory; lower --train_batch_size, --query_batch_size or --factor_batch_size (or "
+                    "--query_gradient_accumulation_steps); finished results are kept"
+                ) from None
+    except RuntimeError as error:
+        # gloo reports a timed-out or broken collective as a plain RuntimeError, NCCL as DistError.
+        if not layout.distributed or not (isinstance(error, dist.DistError) or _is_collective_failure(error)):
+            raise
+        # Another rank died or stalled: say so in one line; torchrun reports the exit of every rank.
+        print(
+            f"analyze.py: error: rank {layout.rank} lost the other processes ({type(error).__name__}: "
+            f"{str(error).splitlines()[0][:200]}); finished results are kept, rerun the same command to resume",
+            file=sys.stderr,
+        )
+        raise SystemExit(1) from None
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from torch.utils import data
 
-from pipeline import SPLITS, example_path
+from pipeline import SPLITS, base_image_folder, example_path
 
 DEMO_DIR = Path("data") / "demo"
 DEMO_CLASSES = (
@@ -90,9 +90,7 @@ def make_demo_dataset(root: str | Path = DEMO_DIR) -> Path:
 
 
 def _label_name(dataset: data.Dataset, label: int) -> str:
-    while isinstance(dataset, data.Subset):
-        dataset = dataset.dataset
-    return dataset.classes[label]
+    return base_image_folder(dataset).classes[label]
 
 
 def same_label_share(scores: torch.Tensor, query_labels: torch.Tensor, train_labels: torch.Tensor, k: int) -> Dict[str, float]:

@@ -6,6 +6,7 @@ is not a ResNet-50) is raised as a one-line `cli.UserError` before any heavy wor
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import urllib.error
@@ -153,12 +154,48 @@ def _read_checkpoint(path: Path) -> Dict[str, Any]:
         raise UserError(f"checkpoint {path} could not be read as a PyTorch state dict ({type(error).__name__})") from None
 
 
+def check_checkpoint_path(path: Path) -> None:
+    if not Path(path).is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def samples_fingerprint(dataset: data.Dataset) -> str:
+    """sha256 of the dataset's (file path relative to its split folder, label) list, in order: changes when
+    images are added, removed, renamed or relabelled, not when the folder moves."""
+    digest = hashlib.sha256()
+    prefix = len(os.path.join(base_image_folder(dataset).root, ""))  # string slicing: ImageNet has 1.28M files
+    for position in range(len(dataset)):
+        path, label = example_path(dataset, position)
+        digest.update(f"{path[prefix:]}\t{label}\n".encode())
+    return digest.hexdigest()
+
+
+def check_pretrained_classes(dataset: data.Dataset, weights_name: str) -> None:
+    """torchvision's ImageNet weights index their outputs by all 1,000 sorted wnids; ImageFolder numbers
+    only the class folders present, so a subset of classes would be scored against the wrong outputs.
+    Checked from the weights' metadata, before anything is downloaded."""
+    num_outputs_ = len(ResNet50_Weights[weights_name].meta["categories"])
+    num_classes = len(base_image_folder(dataset).classes)
+    if num_classes != num_outputs_:
+        raise UserError(
+            f"torchvision's ImageNet weights need all {num_outputs_} class folders (found {num_classes} in "
+            f"{base_image_folder(dataset).root}); for a subset of classes pass --checkpoint with a model trained on it"
+        )
+
+
 def load_checkpoint_state_dict(path: str | Path) -> Dict[str, torch.Tensor]:
     """A ResNet-50 state dict from a file: plain, or wrapped under `state_dict`/`model`, with or without
     the `module.` prefix that DistributedDataParallel adds."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist")
+    check_checkpoint_path(path)
     state_dict = _read_checkpoint(path)
     for key in CHECKPOINT_WRAPPER_KEYS:
         if isinstance(state_dict, dict) and isinstance(state_dict.get(key), dict):

@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from safetensors import SafetensorError, safe_open
 from scipy.stats import ConstantInputWarning, pearsonr, spearmanr
 from tqdm import tqdm
 
-from cli import UserError, setup_logging, user_errors
+from cli import UserError, non_negative_int, positive_int, setup_logging, user_errors
 from naming import (
     DEFAULT_ANALYSIS_NAME,
     DEMO_ANALYSIS_NAME,
@@ -264,18 +265,14 @@ def draw_figure(
     plt.close(figure)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be zero or more, got {text}")
-    return value
+def check_writable(path: Path) -> None:
+    """Creates the folder of an output file; one line if that or writing there is impossible."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot create the folder of {path}: {error.strerror}") from None
+    if path.is_dir() or not os.access(path.parent, os.W_OK):
+        raise UserError(f"cannot write {path}")
 
 
 def default_analysis_name(output_dir: Path) -> str:
@@ -300,12 +297,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--low_rank_scores", type=Path, help=f"Low-rank (query-batched) pairwise scores: a score folder or a .safetensors file (default: the `{low_name}` scores under --output_dir/--analysis_name).")
     parser.add_argument("--output_dir", type=Path, default=Path(DEFAULT_OUTPUT_DIR), help=f"analyze.py's results folder, for the default score files (default: {DEFAULT_OUTPUT_DIR}).")
     parser.add_argument("--analysis_name", help=f"Sub-folder of --output_dir, for the default score files (default: {DEFAULT_ANALYSIS_NAME}; when it has no scores but `analyze.py --demo` has run, {DEMO_ANALYSIS_NAME}).")
-    parser.add_argument("--num_queries", type=_positive_int, help="Compare the first N queries (default: all).")
-    parser.add_argument("--num_points", type=_positive_int, default=DEFAULT_NUM_POINTS, help=f"Training examples drawn at random for the scatter plot (default: {DEFAULT_NUM_POINTS}).")
-    parser.add_argument("--scatter_query", type=_non_negative_int, default=0, help="Query whose scores the scatter plot shows (default: 0).")
+    parser.add_argument("--num_queries", type=positive_int, help="Compare the first N queries (default: all).")
+    parser.add_argument("--num_points", type=positive_int, default=DEFAULT_NUM_POINTS, help=f"Training examples drawn at random for the scatter plot (default: {DEFAULT_NUM_POINTS}).")
+    parser.add_argument("--scatter_query", type=non_negative_int, default=0, help="Query whose scores the scatter plot shows (default: 0).")
     parser.add_argument("--figure", type=Path, default=DEFAULT_FIGURE, help=f"Where the figure is saved (default: {DEFAULT_FIGURE}).")
     parser.add_argument("--summary", type=Path, help="JSON file for the summary statistics, per-query values and resolved inputs (default: the --figure path with .json).")
-    parser.add_argument("--rows_per_block", type=_positive_int, default=DEFAULT_ROWS_PER_BLOCK, help=f"Query rows read and compared at a time; memory grows with it (default: {DEFAULT_ROWS_PER_BLOCK}).")
+    parser.add_argument("--rows_per_block", type=positive_int, default=DEFAULT_ROWS_PER_BLOCK, help=f"Query rows read and compared at a time; memory grows with it (default: {DEFAULT_ROWS_PER_BLOCK}).")
     return parser
 
 
@@ -340,6 +337,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         if args.scatter_query >= num_queries:
             raise UserError(f"--scatter_query {args.scatter_query} is not among the {num_queries} queries compared")
         summary_path = args.summary or args.figure.with_suffix(".json")
+        for output in (args.figure, summary_path):  # checked now, not after a 10-minute comparison
+            check_writable(output)
         if low.rank is None:
             logger.warning("%s is full rank (by its saved arguments or name); is --low_rank_scores right?", low.path)
         if full.rank is not None:

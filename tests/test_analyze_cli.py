@@ -78,22 +78,35 @@ def test_identity_scores_of_resnet50_equal_autograd_dot_products(tiny_imagenet, 
     assert json.loads((path.parent / naming.RUN_CONFIG_FILE).read_text())["depends_on"]["damping_factor"] == 0.5
 
 
-def test_changed_checkpoint_or_dataset_size_is_refused(tiny_imagenet, resnet50_checkpoint, tmp_path, capsys):
+def test_changed_checkpoint_or_dataset_is_refused_and_a_copy_is_reused(tiny_imagenet, resnet50_checkpoint, tmp_path, capsys):
     output_dir = tmp_path / "results"
     base = [
         "--dataset_dir", str(tiny_imagenet), "--factor_strategy", "identity", "--query_batch_size", "2",
         "--train_batch_size", "6", "--num_queries", "1", "--num_workers", "0", "--output_dir", str(output_dir),
     ]
-    analyze.main([*base, "--checkpoint", str(resnet50_checkpoint)])
+    path = analyze.main([*base, "--checkpoint", str(resnet50_checkpoint)])["identity"]
+    stamp = path.stat().st_mtime_ns
+    copy = tmp_path / "copy.pt"
+    copy.write_bytes(resnet50_checkpoint.read_bytes())
+    analyze.main([*base, "--checkpoint", str(copy)])  # the same weights under another name: reused
+    assert path.stat().st_mtime_ns == stamp
     capsys.readouterr()
-    other = tmp_path / "other.pt"
-    other.write_bytes(resnet50_checkpoint.read_bytes())
+    retrained = tmp_path / "retrained.pt"
+    state = torch.load(resnet50_checkpoint)
+    state["fc.bias"] = state["fc.bias"] + 1.0
+    torch.save(state, retrained)
     with pytest.raises(SystemExit):
-        analyze.main([*base, "--checkpoint", str(other)])
+        analyze.main([*base, "--checkpoint", str(retrained)])
     err = capsys.readouterr().err
-    assert "computed with other settings (model 'checkpoint:" in err and "--overwrite" in err
-    extra = tiny_imagenet / "train" / "n01" / "extra.JPEG"
-    extra.write_bytes((tiny_imagenet / "train" / "n01" / "n01_000.JPEG").read_bytes())
+    assert "computed with other settings (model 'checkpoint sha256:" in err and "--overwrite" in err
+    # An image swapped for another under a new name, same count: the file list differs.
+    victim = tiny_imagenet / "train" / "n01" / "n01_000.JPEG"
+    victim.rename(victim.with_name("n01_999.JPEG"))
+    with pytest.raises(SystemExit):
+        analyze.main([*base, "--checkpoint", str(resnet50_checkpoint)])
+    err = capsys.readouterr().err
+    assert "train_files_sha256" in err and "num_train" not in err
+    (tiny_imagenet / "train" / "n01" / "extra.JPEG").write_bytes(victim.with_name("n01_999.JPEG").read_bytes())
     with pytest.raises(SystemExit):
         analyze.main([*base, "--checkpoint", str(resnet50_checkpoint)])
     assert "num_train 6 -> 7" in capsys.readouterr().err
@@ -135,7 +148,7 @@ def test_seed_command_lines_end_to_end(resnet50_checkpoint, tmp_path):
     assert full_scores.shape == low_scores.shape == (3, 4)
     assert torch.isfinite(full_scores).all() and torch.isfinite(low_scores).all()
     assert not torch.equal(full_scores, low_scores)
-    # Rank 32 keeps most of the query gradient: each query's ranking of training images barely moves.
+    # Rank 32 keeps most of the query gradient: per query, Pearson correlation over the training images.
     for q in range(3):
         assert torch.corrcoef(torch.stack([full_scores[q], low_scores[q]]))[0, 1] > 0.9
 

@@ -52,3 +52,19 @@ def test_same_label_share_against_chance():
     share = demo.same_label_share(scores, query_labels, train_labels, k=3)
     assert abs(share["same_label_share"] - 2 / 3) < 1e-6
     assert abs(share["chance"] - (2 / 6 + 3 / 6) / 2) < 1e-6
+
+
+def test_report_lists_top_influencers_and_same_label_share(tmp_path):
+    root = demo.make_demo_dataset(tmp_path / "demo")
+    train = pipeline.get_imagenet_dataset("train", root)
+    queries = pipeline.get_imagenet_dataset("val", root)
+    train_labels = torch.tensor([label for _, label in train.samples])
+    query_labels = torch.tensor([label for _, label in queries.samples])
+    # Scores that favour the query's class, most of all its training image number 3.
+    scores = (query_labels[:, None] == train_labels[None, :]).float()
+    scores[:, 3::demo.DEMO_TRAIN_PER_CLASS] += 0.5
+    text = demo.report({"ekfac": tmp_path / "s.safetensors"}, {"ekfac": scores}, train, queries, "TABLE")
+    assert "shape (4, 20)" in text and "TABLE" in text
+    first_query_block = text.split("query 0: ")[1].split("query 1: ")[0]
+    assert first_query_block.splitlines()[1].strip().startswith("1. class0_red_horizontal_train_003.JPEG [class0_red_horizontal]")
+    assert "with the query's label 1.00 (chance 0.25)" in text

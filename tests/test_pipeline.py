@@ -148,6 +148,8 @@ def _break(case: str, root: Path, tmp_path: Path) -> list:
         return ["--checkpoint", str(tmp_path / "one_class.pt")]
     elif case == "missing_checkpoint":
         return ["--checkpoint", str(tmp_path / "nowhere.pt")]
+    elif case == "class_subset_with_imagenet_weights":
+        return ["--weights", "IMAGENET1K_V1"]
     return []
 
 
@@ -160,13 +162,14 @@ BAD_INPUTS = {
     "too_few_val": "has 4 images, fewer than the 5 queries",
     "too_many_classes": "2 classes but the model has only 1 outputs",
     "missing_checkpoint": "checkpoint .*nowhere.pt does not exist",
+    "class_subset_with_imagenet_weights": "ImageNet weights need all 1000 class folders \\(found 2 in .*train\\)",
 }
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
 def test_bad_input_gives_one_line_and_writes_nothing(case, tiny_imagenet, tmp_path, capsys):
     extra = _break(case, tiny_imagenet, tmp_path)
-    if "--checkpoint" not in extra:
+    if "--checkpoint" not in extra and "--weights" not in extra:
         extra += ["--weights", "none"]
     output_dir = tmp_path / "results"
     argv = ["--dataset_dir", str(tiny_imagenet), "--output_dir", str(output_dir), "--factor_strategy", "identity", "--num_queries", "2", *extra]
@@ -201,3 +204,12 @@ def test_dataset_dir_is_required_without_demo(capsys):
     with pytest.raises(SystemExit):
         analyze.main([])
     assert "--dataset_dir is required" in capsys.readouterr().err
+
+
+def test_out_of_memory_is_one_line_naming_the_batch_sizes(monkeypatch, tmp_path, capsys):
+    def exhausted(args, layout):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(analyze, "run", exhausted)
+    err = _run_cli_error(["--dataset_dir", str(tmp_path)], capsys)
+    assert "out of memory; lower --train_batch_size, --query_batch_size or --factor_batch_size" in err

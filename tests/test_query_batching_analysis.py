@@ -20,6 +20,7 @@ from scipy.stats import pearsonr, spearmanr
 
 import query_batching_analysis as qba
 from benchmarks import query_batching_benchmark as bench
+import naming
 from naming import SCORES_KEY, pairwise_scores_path, scores_dir, scores_name
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -229,3 +230,36 @@ def test_benchmark_writer_makes_readable_files(tmp_path):
     first = rng.standard_normal((2, 301), dtype=np.float32)
     assert torch.equal(f_scores[:2], torch.from_numpy(first).to(torch.bfloat16))
     assert 0.8 < spearmanr(f_scores[0].float(), l_scores[0].float()).statistic < 1.0
+
+
+def test_unwritable_figure_is_refused_before_any_work(tmp_path, capsys):
+    scores = random_scores(10)
+    full = write_scores(tmp_path / "scores_ekfac", scores)
+    low = write_scores(tmp_path / "scores_ekfac_qlr32", scores, rank=32)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    expect_user_error(
+        capsys, ["--full_scores", str(full), "--low_rank_scores", str(low), "--figure", str(blocker / "fig.png")],
+        "cannot create the folder of", "a_file/fig.png",
+    )
+
+
+def test_demo_sized_files_report_undefined_top_k_overlap(tmp_path):
+    """With no more than k training examples a top-k overlap would be 1 whatever the scores: n/a."""
+    generator = torch.Generator().manual_seed(3)
+    scores = torch.randn(4, 20, generator=generator)
+    full = write_scores(tmp_path / "scores_ekfac", scores)
+    low = write_scores(tmp_path / "scores_ekfac_qlr32", -scores, rank=32)
+    result = qba.main(["--full_scores", str(full), "--low_rank_scores", str(low), "--figure", str(tmp_path / "f.png")])
+    assert result["statistics"]["top-100 overlap"]["queries"] == 0
+    assert result["statistics"]["top-10 overlap"]["mean"] == 0.0  # reversed order: the top 10 become the bottom 10
+    assert result["statistics"]["Spearman"]["mean"] == -1.0
+
+
+def test_no_flags_fall_back_to_the_demo_analysis(tmp_path, monkeypatch):
+    scores = torch.randn(3, 150, generator=torch.Generator().manual_seed(4))
+    write_scores(naming.scores_dir(tmp_path, naming.DEMO_ANALYSIS_NAME, "ekfac"), scores)
+    write_scores(naming.scores_dir(tmp_path, naming.DEMO_ANALYSIS_NAME, "ekfac_qlr32"), scores, rank=32)
+    result = qba.main(["--output_dir", str(tmp_path), "--figure", str(tmp_path / "f.png")])
+    assert f"{naming.DEMO_ANALYSIS_NAME}/scores_ekfac/" in result["full_scores"]["path"]
+    assert result["statistics"]["Pearson"]["minimum"] > 1 - 1e-9

@@ -119,3 +119,15 @@ def test_measurement_is_negative_margin():
     torch.testing.assert_close(task.compute_measurement((images, labels, torch.arange(2)), model), expected)
     loss = task.compute_train_loss((images, labels, torch.arange(2)), model, sample=False)
     torch.testing.assert_close(loss, F.cross_entropy(logits, labels, reduction="sum"))
+
+
+def test_same_seed_same_scores_other_seed_other_scores(tmp_path):
+    """Reproducibility: true-Fisher labels and the randomised SVD of low-rank query gradients are seeded."""
+    model, train, query = small_problem()
+    runs = [
+        run_scores(copy.deepcopy(model), train, query, tmp_path / name, strategy="ekfac", damping_factor=None,
+                   query_gradient_rank=2, seed=seed)
+        for name, seed in (("a", 0), ("b", 0), ("c", 1))
+    ]
+    assert torch.equal(runs[0], runs[1])
+    assert not torch.allclose(runs[0], runs[2], rtol=1e-4, atol=0)
