@@ -29,7 +29,7 @@ from kronfluence.task import Task
 from kronfluence.utils.common.factor_arguments import all_low_precision_factor_arguments
 from kronfluence.utils.common.score_arguments import all_low_precision_score_arguments
 from kronfluence.utils.dataset import DataLoaderKwargs
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 from torch.utils import data
@@ -200,6 +200,7 @@ def claim_results_dir(
         record = json.loads(record_path.read_text())
         changes = _differences(record.get("depends_on", {}), depends_on)
         if not changes:
+            discard_torn_files(directory)
             return record
         if not settings.overwrite:
             raise UserError(
@@ -224,6 +225,25 @@ def claim_results_dir(
     }
     _write_json_atomically(record_path, record)
     return record
+
+
+def discard_torn_files(directory: Path) -> List[Path]:
+    """Deletes result files that a crash cut short (kronfluence writes them in place), so that they are
+    recomputed instead of being taken as finished; returns what was deleted."""
+    torn = []
+    for path in sorted(directory.glob("*.safetensors")) + sorted(directory.glob("*.json")):
+        try:
+            if path.suffix == ".json":
+                json.loads(path.read_text())
+            else:
+                with safe_open(str(path), framework="pt"):
+                    pass
+        except (ValueError, OSError, SafetensorError):
+            torn.append(path)
+    for path in torn:
+        logger.warning("%s is incomplete (an interrupted run?); it will be recomputed", path)
+        path.unlink()
+    return torn
 
 
 def make_analyzer(model: nn.Module, settings: AnalysisSettings) -> Any:

@@ -131,3 +131,18 @@ def test_same_seed_same_scores_other_seed_other_scores(tmp_path):
     ]
     assert torch.equal(runs[0], runs[1])
     assert not torch.allclose(runs[0], runs[2], rtol=1e-4, atol=0)
+
+
+def test_torn_result_files_are_recomputed_not_reused(tmp_path):
+    """A factor file and the score file cut short by a crash are detected on rerun and recomputed."""
+    model, train, query = small_problem()
+    # A copy: safetensors maps the file into memory, and the file is about to be cut short.
+    first = run_scores(copy.deepcopy(model), train, query, tmp_path, strategy="ekfac", damping_factor=None).clone()
+    analysis = tmp_path / "small"
+    for path in (analysis / "factors_ekfac" / "lambda_matrix.safetensors", analysis / "scores_ekfac" / "pairwise_scores.safetensors"):
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    (analysis / "factors_ekfac" / "lambda_dataset_metadata.json").write_text('{"type": "Ind')
+    again = run_scores(copy.deepcopy(model), train, query, tmp_path, strategy="ekfac", damping_factor=None)
+    torch.testing.assert_close(again, first, rtol=1e-5, atol=0)
+    assert len((analysis / "scores_ekfac" / "pairwise_scores.safetensors").read_bytes()) > 100
