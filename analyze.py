@@ -507,7 +507,7 @@ def run(args: argparse.Namespace, layout: distributed.Layout) -> Dict[str, Path]
         weights = pipeline.DEFAULT_WEIGHTS
     if args.checkpoint is None and weights != pipeline.NO_WEIGHTS and not args.demo:
         pipeline.check_pretrained_classes(train_dataset, weights)
-    model = pipeline.build_model(weights=weights, checkpoint=args.checkpoint)
+    model = pipeline.build_model(weights=weights, checkpoint=args.checkpoint, seed=args.seed)
     pipeline.check_model_fits_classes(train_dataset, model)
     query_dataset = data.Subset(val_dataset, list(range(num_queries)))
     if args.checkpoint is not None:

@@ -229,11 +229,14 @@ def model_from_state_dict(state_dict: Dict[str, torch.Tensor], source: str) -> n
     return model
 
 
-def build_model(weights: Optional[str] = DEFAULT_WEIGHTS, checkpoint: Optional[str | Path] = None) -> nn.Module:
+def build_model(
+    weights: Optional[str] = DEFAULT_WEIGHTS, checkpoint: Optional[str | Path] = None, seed: int = 0
+) -> nn.Module:
     """The ResNet-50 to analyse, in eval mode.
 
     `checkpoint`: a local state-dict file (takes precedence; `weights` must then be None).
-    `weights`: a `ResNet50_Weights` name, or `none` for random init.
+    `weights`: a `ResNet50_Weights` name, or `none` for random init, drawn from `seed` (so that a rerun
+    analyses the same model).
     """
     if checkpoint is not None:
         if weights is not None:
@@ -244,7 +247,9 @@ def build_model(weights: Optional[str] = DEFAULT_WEIGHTS, checkpoint: Optional[s
             "*** --weights none: ResNet-50 is RANDOMLY INITIALISED; influence scores of an untrained model "
             "say nothing about a trained one. ***"
         )
-        model = resnet50(weights=None)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = resnet50(weights=None)
     else:
         weights = weights or DEFAULT_WEIGHTS
         if weights not in ResNet50_Weights.__members__:

@@ -111,10 +111,15 @@ def test_unreachable_weights_say_so_in_one_line(monkeypatch, tmp_path):
     assert str(tmp_path / "hub" / "checkpoints" / "resnet50-0676ba61.pth") in message
 
 
-def test_random_init_warns_loudly(caplog):
+def test_random_init_warns_loudly_and_is_drawn_from_the_seed(caplog):
     with caplog.at_level("WARNING"):
-        pipeline.build_model(weights="none")
+        first = pipeline.build_model(weights="none", seed=0)
     assert "RANDOMLY INITIALISED" in caplog.text
+    torch.rand(3)  # whatever else happened to the global generator in between
+    again = pipeline.build_model(weights="none", seed=0)
+    other = pipeline.build_model(weights="none", seed=1)
+    assert torch.equal(first.conv1.weight, again.conv1.weight)
+    assert not torch.equal(first.conv1.weight, other.conv1.weight)
 
 
 def _run_cli_error(argv, capsys) -> str:
