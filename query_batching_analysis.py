@@ -275,13 +275,15 @@ def check_writable(path: Path) -> None:
         raise UserError(f"cannot write {path}")
 
 
+def seed_scores_path(output_dir: Path, analysis_name: str, rank: Optional[int]) -> Path:
+    """Where the seed's analyze.py command of this rank (None: full rank) writes its scores."""
+    return pairwise_scores_path(output_dir, analysis_name, scores_name(SEED_STRATEGY, False, rank))
+
+
 def default_analysis_name(output_dir: Path) -> str:
     """The seed's analysis, or the demo's when only the demo has been run (said in the log)."""
     def seed_files_exist(analysis_name: str) -> bool:
-        return all(
-            pairwise_scores_path(output_dir, analysis_name, scores_name(SEED_STRATEGY, False, rank)).is_file()
-            for rank in (None, SEED_LOW_RANK)
-        )
+        return all(seed_scores_path(output_dir, analysis_name, rank).is_file() for rank in (None, SEED_LOW_RANK))
 
     if not seed_files_exist(DEFAULT_ANALYSIS_NAME) and seed_files_exist(DEMO_ANALYSIS_NAME):
         logger.info("no scores under %s; using the demo's (%s)", output_dir / DEFAULT_ANALYSIS_NAME, output_dir / DEMO_ANALYSIS_NAME)
@@ -313,12 +315,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     with user_errors(PROG):
         if args.analysis_name is None:
             args.analysis_name = default_analysis_name(args.output_dir)
-        full_path = resolve_scores_path(
-            args.full_scores or pairwise_scores_path(args.output_dir, args.analysis_name, scores_name(SEED_STRATEGY, False, None))
-        )
+        full_path = resolve_scores_path(args.full_scores or seed_scores_path(args.output_dir, args.analysis_name, None))
         low_path = resolve_scores_path(
-            args.low_rank_scores
-            or pairwise_scores_path(args.output_dir, args.analysis_name, scores_name(SEED_STRATEGY, False, SEED_LOW_RANK))
+            args.low_rank_scores or seed_scores_path(args.output_dir, args.analysis_name, SEED_LOW_RANK)
         )
         full = open_score_file(full_path, "--full_scores")
         low = open_score_file(low_path, "--low_rank_scores")
