@@ -18,6 +18,11 @@ INTERRUPTED_EXIT_CODE = 130
 class UserError(Exception):
     """A problem with the user's input (paths, flags, data) that the user can fix; reported in one line."""
 
+    @property
+    def line(self) -> str:
+        """The message as reported; subclasses raised in DataLoader workers trim what PyTorch adds."""
+        return str(self)
+
 
 @contextlib.contextmanager
 def user_errors(prog: str) -> Iterator[None]:
@@ -25,7 +30,7 @@ def user_errors(prog: str) -> Iterator[None]:
     try:
         yield
     except UserError as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
+        print(f"{prog}: error: {error.line}", file=sys.stderr)
         raise SystemExit(USER_ERROR_EXIT_CODE) from None
     except KeyboardInterrupt:
         print(

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
-from typing import Any, Callable, Optional
+from typing import Any, Callable, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -85,6 +85,15 @@ def on_main(layout: Layout, step: Callable[[], Any]) -> Any:
     if error is not None:
         raise UserError(error)
     return result
+
+
+def gather_lists(layout: Layout, items: List[Any]) -> List[Any]:
+    """Every rank's `items`, concatenated in rank order, on every rank."""
+    if not layout.distributed:
+        return list(items)
+    gathered: List[Any] = [None] * layout.world_size
+    dist.all_gather_object(gathered, items)
+    return [item for part in gathered for item in part]
 
 
 def shutdown() -> None:

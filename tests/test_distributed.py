@@ -56,7 +56,8 @@ def test_two_ranks_equal_one_process_ekfac_full_and_low_rank(small_folder, resne
     for rank in ("-1", "8"):
         single = _single([*common, "--query_gradient_rank", rank, "--output_dir", str(outputs["single"])])
         assert single.returncode == 0, single.stderr[-3000:]
-        multi = _torchrun([*common, "--query_gradient_rank", rank, "--output_dir", str(outputs["ddp"])])
+        # Two score partitions (four training images, two per partition, one per rank) against one.
+        multi = _torchrun([*common, "--query_gradient_rank", rank, "--output_dir", str(outputs["ddp"]), "--score_partitions", "2"])
         assert multi.returncode == 0, multi.stderr[-3000:]
     # Only rank 0 reports.
     assert multi.stderr.count("2 processes") == 1

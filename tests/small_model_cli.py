@@ -1,0 +1,107 @@
+"""`analyze.py`'s command line with a tiny CNN in place of the ResNet-50, for the interruption tests: every
+line of the driver runs as a user runs it (datasets, run records, partitions, reuse), but each phase
+takes a fraction of a second, so a run can be killed and resumed many times in a test.
+
+`KILL_AT=PHASE:N` makes the process SIGKILL itself (no cleanup, no exception handling: what a
+preempted job or the OOM killer does) at the N-th step of a phase: the N-th training-loss batch of
+`covariance`, `lambda` or `scores`, or the N-th eigendecomposition of `eigendecomposition`.
+`KILL_AT=PHASE:N:SIGINT` sends another signal instead (SIGINT is what Ctrl-C sends).
+
+Usage: python tests/small_model_cli.py ANALYZE_ARGS...
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+from kronfluence.analyzer import Analyzer
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import analyze  # noqa: E402
+import pipeline  # noqa: E402
+
+PHASE_METHODS = {
+    "covariance": "fit_covariance_matrices",
+    "eigendecomposition": "perform_eigendecomposition",
+    "lambda": "fit_lambda_matrices",
+    "scores": "compute_pairwise_scores",
+}
+
+
+class TinyNet(nn.Module):
+    """Two convolutions and a linear layer for 224 x 224 inputs; `fc` like the ResNet-50's."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 5, stride=8)
+        self.conv2 = nn.Conv2d(4, 6, 3, stride=2)
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.fc = nn.Linear(6 * 2 * 2, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        return self.fc(self.pool(x).flatten(1))
+
+
+def build_tiny_model(weights=None, checkpoint=None, seed: int = 0, num_classes: int = 2) -> nn.Module:
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return TinyNet(num_classes).eval()
+
+
+def install_kill(spec: str) -> None:
+    phase, count, *signal_name = spec.split(":")
+    signal_number = getattr(signal, signal_name[0]) if signal_name else signal.SIGKILL
+    steps = {"n": 0}
+    current = {"phase": None}
+
+    def step() -> None:
+        if current["phase"] == phase:
+            steps["n"] += 1
+            if steps["n"] == int(count):
+                os.kill(os.getpid(), signal_number)
+
+    for name, method in PHASE_METHODS.items():
+        original = getattr(Analyzer, method)
+
+        @functools.wraps(original)
+        def tracked(self, *args, _original=original, _name=name, **kwargs):
+            current["phase"] = _name
+            try:
+                return _original(self, *args, **kwargs)
+            finally:
+                current["phase"] = None
+
+        setattr(Analyzer, method, tracked)
+
+    loss = analyze.ClassificationTask.compute_train_loss
+    eigh = torch.linalg.eigh
+
+    def counted_loss(self, *args, **kwargs):
+        step()
+        return loss(self, *args, **kwargs)
+
+    def counted_eigh(*args, **kwargs):
+        step()
+        return eigh(*args, **kwargs)
+
+    analyze.ClassificationTask.compute_train_loss = counted_loss
+    torch.linalg.eigh = counted_eigh
+
+
+def main() -> None:
+    pipeline.build_model = build_tiny_model
+    if os.environ.get("KILL_AT"):
+        install_kill(os.environ["KILL_AT"])
+    analyze.main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    main()
