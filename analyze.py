@@ -94,6 +94,10 @@ class AnalysisSettings:
     def scores_name(self) -> str:
         return naming.scores_name(self.strategy, self.use_half_precision, self.query_gradient_rank)
 
+    @property
+    def self_scores_name(self) -> str:
+        return naming.self_scores_name(self.strategy, self.use_half_precision)
+
 
 def sample_labels(logits: torch.Tensor, indices: torch.Tensor, seed: int) -> torch.Tensor:
     """One label per example drawn from softmax(logits) (Gumbel-max), with randomness that depends only on
@@ -354,6 +358,42 @@ def compute_scores(
     return path
 
 
+def compute_self_scores(
+    analyzer: Any,
+    train_dataset: data.Dataset,
+    settings: AnalysisSettings,
+    provenance: Dict[str, Any],
+    factors_record: Dict[str, Any],
+    layout: distributed.Layout = distributed.Layout(),
+) -> Path:
+    """Computes (or reuses) the self-influence score of every training example with the same factors:
+    kronfluence's self scores, the training loss's gradient preconditioned and dotted with itself (always
+    full rank); returns the path of the score file (a vector of length num_train)."""
+    directory = analyzer.scores_output_dir(settings.self_scores_name)
+    depends_on = {
+        "factors_name": settings.factors_name,
+        "factors_id": factors_record["id"],
+        "damping_factor": settings.damping_factor,
+        "use_half_precision": settings.use_half_precision,
+        **provenance["train"],
+    }
+    resolved = {"self_influence": True, **provenance.get("inputs", {})}
+    distributed.on_main(layout, lambda: claim_results_dir(directory, depends_on, settings, "self-influence scores", resolved))
+    path = directory / naming.SELF_SCORES_FILE
+    if path.is_file():
+        logger.info("reusing finished self-influence scores %s", path)
+        return path
+    analyzer.compute_self_scores(
+        scores_name=settings.self_scores_name,
+        factors_name=settings.factors_name,
+        train_dataset=train_dataset,
+        per_device_train_batch_size=settings.train_batch_size,
+        score_args=score_arguments(dataclasses.replace(settings, query_gradient_rank=None), num_queries=1),
+        overwrite_output_dir=True,  # as for pairwise scores: no finished file, so nothing here to keep
+    )
+    return path
+
+
 def scores_shape(path: Path) -> tuple:
 
     with safe_open(str(path), framework="pt") as handle:
@@ -434,6 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=non_negative_int, default=0, help="Seed for every random choice (true-Fisher labels, randomised SVD) (default: 0).")
     parser.add_argument("--overwrite", action="store_true", help="Replace results on disk that were computed with other settings (finished matching results are still reused).")
     parser.add_argument("--profile", action="store_true", help="Print the per-phase timing table at the end.")
+    parser.add_argument("--self_influence", action="store_true", help=f"Compute self-influence scores of every training image with the same factors (scores_STRATEGY[_half]{naming.SELF_SUFFIX}/{naming.SELF_SCORES_FILE}) INSTEAD of pairwise scores; run without it for pairwise scores (finished factors are reused either way). Not under torchrun on CPUs.")
     parser.add_argument("--dist_timeout", type=positive_int, default=distributed.DEFAULT_TIMEOUT_S, help=f"Under torchrun: seconds a rank waits for the others in a collective before it fails (default: {distributed.DEFAULT_TIMEOUT_S}).")
     return parser
 
@@ -447,6 +488,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error("--dataset_dir is required (or --demo for the offline demo)")
     if args.checkpoint is not None and args.weights is not None:
         parser.error("--checkpoint and --weights exclude each other")
+    if args.self_influence:
+        query_flags = {"--num_queries": args.num_queries, "--query_batch_size": args.query_batch_size,
+                       "--query_gradient_rank": args.query_gradient_rank,
+                       "--query_gradient_accumulation_steps": args.query_gradient_accumulation_steps}
+        given = [flag for flag, value in query_flags.items() if value is not None]
+        if given:
+            parser.error(f"--self_influence scores the training set against itself (full rank); drop {', '.join(given)}")
     defaults = DEMO_DEFAULTS if args.demo else SEED_DEFAULTS
     for key, value in defaults.items():
         # `--damping_factor` is absent when not given: its None already means the heuristic.
@@ -490,6 +538,11 @@ def run(args: argparse.Namespace, layout: distributed.Layout) -> Dict[str, Path]
     _check_output_dir(Path(settings.output_dir))
     if args.checkpoint is not None:
         pipeline.check_checkpoint_path(args.checkpoint)
+    if args.self_influence and layout.distributed and not torch.cuda.is_available():
+        raise UserError(
+            "--self_influence is not supported under torchrun on CPUs (kronfluence_gloo_shim does not cover "
+            "self scores); run it as a single process, or on GPUs"
+        )
     distributed.init(layout, args.dist_timeout)
     weights = args.weights
     if args.demo:
@@ -502,6 +555,8 @@ def run(args: argparse.Namespace, layout: distributed.Layout) -> Dict[str, Path]
     train_dataset = pipeline.get_imagenet_dataset("train", dataset_dir)
     val_dataset = pipeline.get_imagenet_dataset("val", dataset_dir)
     num_queries = args.num_queries if args.num_queries is not None else len(val_dataset)
+    if args.self_influence:
+        num_queries = 0  # no queries: val is only checked for its classes
     pipeline.check_datasets(train_dataset, val_dataset, num_queries)
     if weights is None and args.checkpoint is None:
         weights = pipeline.DEFAULT_WEIGHTS
@@ -529,6 +584,15 @@ def run(args: argparse.Namespace, layout: distributed.Layout) -> Dict[str, Path]
 
     analyzer = make_analyzer(model, settings)
     factors_record = fit_factors(analyzer, train_dataset, settings, provenance, layout)
+    if args.self_influence:
+        path = compute_self_scores(analyzer, train_dataset, settings, provenance, factors_record, layout)
+        if layout.is_main:
+            logger.info("self-influence scores `%s`: %s, shape %s", settings.self_scores_name, path, scores_shape(path))
+            if args.demo:
+                print(demo.self_influence_report(settings.self_scores_name, path, analyzer.profiler.summary()))
+            elif settings.profile:
+                print(analyzer.profiler.summary())
+        return {settings.self_scores_name: path}
     runs = [settings]
     if args.demo:
         low_rank = settings.query_gradient_rank or DEMO_LOW_RANK
