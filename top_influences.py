@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import logging
 from dataclasses import dataclass
@@ -47,11 +48,16 @@ DEFAULT_NUM_FIGURES = 10
 # Two copies of 16 rows of 1,281,167 float32 scores are 164 MB.
 DEFAULT_ROWS_PER_BLOCK = 16
 PREDICTION_BATCH_SIZE = 16
-# Figure geometry: every cell is CELL_INCHES square at DPI, plus a title band; no tight bounding box, so
-# the PNG's size in pixels follows from the number of cells alone.
-CELL_INCHES = 2.2
-TITLE_INCHES = 0.6
+# Figure geometry, in inches at DPI: each cell is an image with its caption above and a gap beside it,
+# and a title band tops the figure. Axes are placed by hand (no tight bounding box), so the PNG's size in
+# pixels follows from the number of cells alone.
+IMAGE_INCHES = 1.6
+CAPTION_INCHES = 0.62
+GAP_INCHES = 0.12
+TITLE_INCHES = 0.4
 DPI = 100
+# Saved with an adaptive palette: a quarter of the bytes of full colour, plenty for thumbnails.
+PALETTE_COLOURS = 256
 SELF_GRID_COLUMNS = 5
 LABEL_WIDTH = 28  # characters of a label shown under an image
 
@@ -222,7 +228,7 @@ def predict(model: nn.Module, dataset: data.Dataset, positions: Sequence[int], n
             probabilities = model(images).softmax(dim=-1)
             confidence, classes = probabilities.max(dim=-1)
             for position, value, index in zip(chunk, confidence.tolist(), classes.tolist()):
-                name = names[index] if index < len(names) else f"output {index} (no class folder)"
+                name = names[index] if index < len(names) else f"output {index}"
                 predictions[position] = f"{name} ({value:.2f})"
     return predictions
 
@@ -232,14 +238,16 @@ def predict(model: nn.Module, dataset: data.Dataset, positions: Sequence[int], n
 
 def figure_size_pixels(rows: int, columns: int) -> Tuple[int, int]:
     """(width, height) of a figure of rows x columns cells."""
-    return round(columns * CELL_INCHES * DPI), round((rows * CELL_INCHES + TITLE_INCHES) * DPI)
+    width = columns * (IMAGE_INCHES + GAP_INCHES)
+    height = rows * (IMAGE_INCHES + CAPTION_INCHES) + TITLE_INCHES
+    return round(width * DPI), round(height * DPI)
 
 
 def _shown(text: str) -> str:
     return text if len(text) <= LABEL_WIDTH else text[: LABEL_WIDTH - 1] + "…"
 
 
-def draw_grid(path: Path, cells: List[List[Optional[Tuple[str, str]]]], title: str, row_labels: Sequence[str] = ()) -> None:
+def draw_grid(path: Path, cells: List[List[Optional[Tuple[str, str]]]], title: str) -> None:
     """Saves a grid of images: `cells[row][column]` is (image file, caption) or None for an empty cell.
     Images are shown as the model saw them (resized and centre-cropped)."""
     import matplotlib  # pylint: disable=import-outside-toplevel
@@ -248,34 +256,33 @@ def draw_grid(path: Path, cells: List[List[Optional[Tuple[str, str]]]], title: s
     import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
     rows, columns = len(cells), max(len(row) for row in cells)
-    width, height = figure_size_pixels(rows, columns)
+    width, height = (size / DPI for size in figure_size_pixels(rows, columns))
     view = transforms.Compose([transforms.Resize(pipeline.RESIZE_SIZE), transforms.CenterCrop(pipeline.CROP_SIZE)])
-    figure = plt.figure(figsize=(width / DPI, height / DPI), dpi=DPI)
-    grid = figure.add_gridspec(rows, columns, top=1 - TITLE_INCHES / (height / DPI), bottom=0.0, left=0.0, right=1.0,
-                               hspace=0.45, wspace=0.08)
-    for row in range(rows):
-        for column in range(columns):
-            cell = cells[row][column] if column < len(cells[row]) else None
-            axes = figure.add_subplot(grid[row, column])
+    figure = plt.figure(figsize=(width, height), dpi=DPI)
+    for row, row_cells in enumerate(cells):
+        for column, cell in enumerate(row_cells):
+            if cell is None:
+                continue
+            left = column * (IMAGE_INCHES + GAP_INCHES) + GAP_INCHES / 2
+            bottom = height - TITLE_INCHES - (row + 1) * (IMAGE_INCHES + CAPTION_INCHES)
+            axes = figure.add_axes((left / width, bottom / height, IMAGE_INCHES / width, IMAGE_INCHES / height))
             axes.set_xticks([])
             axes.set_yticks([])
-            if cell is None:
-                axes.axis("off")
-                continue
             image_path, caption = cell
             with Image.open(image_path) as image:
                 axes.imshow(view(image.convert("RGB")))
             axes.set_title(caption, fontsize=6.5)
-            if column == 0 and row < len(row_labels) and row_labels[row]:
-                axes.set_ylabel(row_labels[row], fontsize=9)
-    figure.suptitle(title, fontsize=10)
+    figure.suptitle(title, fontsize=8.5, y=1 - 0.1 / height, va="top")
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=DPI)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, dpi=DPI, format="png")
     plt.close(figure)
+    with Image.open(buffer) as rendered:
+        rendered.convert("RGB").quantize(colors=PALETTE_COLOURS, dither=Image.Dither.NONE).save(path, format="PNG", optimize=True)
 
 
 def _caption(heading: str, example: Example, score: float) -> str:
-    return f"{heading}: #{example.index}\n{_shown(example.label)}\nscore {score:.4g}"
+    return f"{heading}: train #{example.index}\n{_shown(example.label)}\nscore {score:.4g}"
 
 
 def draw_query_figure(
@@ -288,8 +295,9 @@ def draw_query_figure(
         [(query.path, query_caption)] + [(e.path, _caption(f"helpful {r}", e, s)) for r, (e, s) in enumerate(ranked[HELPFUL], 1)],
         [None] + [(e.path, _caption(f"harmful {r}", e, s)) for r, (e, s) in enumerate(ranked[HARMFUL], 1)],
     ]
-    draw_grid(path, cells, f"query {query.index} ({Path(query.path).name}): most helpful (top row) and most harmful "
-              f"(bottom row) training images, `{scores_label}` scores")
+    no_negative = all(score >= 0 for _, score in ranked[HARMFUL])
+    draw_grid(path, cells, f"query {query.index} ({Path(query.path).name}), `{scores_label}` scores: most helpful "
+              f"(top row) and most harmful (bottom row{': no score is negative, so these helped least' if no_negative else ''})")
 
 
 def draw_self_figure(path: Path, ranked: List[Tuple[Example, float]], predictions: Dict[int, str], scores_label: str) -> None:

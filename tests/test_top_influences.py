@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -24,14 +25,25 @@ from conftest import REPO_ROOT, SmallCNN, IndexedTensors, small_problem, write_i
 from query_batching_analysis import open_score_file
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models on one thread: on a busy 2-core machine two threads of tiny operations spin-wait on
+    each other (measured: 150 training steps of the small CNN take 27 s on two threads, 0.3 s on one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _read_csv(path: Path):
     with path.open(newline="") as handle:
         return list(csv.DictReader(handle))
 
 
 def _expected_png_size(rows: int, columns: int):
-    cell = top_influences.CELL_INCHES * top_influences.DPI
-    return round(columns * cell), round(rows * cell + top_influences.TITLE_INCHES * top_influences.DPI)
+    t = top_influences
+    width = columns * (t.IMAGE_INCHES + t.GAP_INCHES)
+    return round(width * t.DPI), round((rows * (t.IMAGE_INCHES + t.CAPTION_INCHES) + t.TITLE_INCHES) * t.DPI)
 
 
 # ------------------------------------------------------------------------------------------ top-k
@@ -79,7 +91,7 @@ def _self_scores(model, train, settings, provenance) -> torch.Tensor:
     return load_file(str(path))[naming.SCORES_KEY]
 
 
-def test_self_scores_equal_the_diagonal_of_pairwise_scores_with_the_training_loss_as_measurement(tmp_path, monkeypatch):
+def test_self_scores_equal_the_diagonal_of_pairwise_scores_with_the_training_loss_as_measurement(tmp_path, monkeypatch, one_thread):
     """Self-influence of example i is g_i' P g_i (g_i: gradient of its training loss, P: the damped EKFAC
     inverse); pairwise scores with the training set as queries and the training loss as measurement are
     g_q' P g_i, whose diagonal is the same number. Same factors, full rank."""
@@ -102,7 +114,7 @@ def test_self_scores_equal_the_diagonal_of_pairwise_scores_with_the_training_los
     assert off_diagonal.abs().max() > 1e-3 * self_scores.max()  # not a diagonal matrix by construction
 
 
-def test_a_planted_mislabelled_image_ranks_at_the_top_of_self_influence(tmp_path):
+def test_a_planted_mislabelled_image_ranks_at_the_top_of_self_influence(tmp_path, one_thread):
     """A small CNN trained until it fits 40 images of 4 well-separated classes, one of them relabelled.
     It fits the wrong label too (memorises it), and that takes a direction in weight space the other
     images hardly use: the relabelled image's self-influence stands out (measured: rank 1, thousands of
@@ -151,8 +163,13 @@ def analysed(resnet50_checkpoint, tmp_path_factory):
         "--dataset_dir", str(dataset_dir), "--checkpoint", str(resnet50_checkpoint), "--factor_strategy", "identity",
         "--train_batch_size", "3", "--num_workers", "0", "--output_dir", str(output_dir),
     ]
-    pairwise = analyze.main([*common, "--query_batch_size", "2", "--num_queries", "4"])["identity"]
-    self_path = analyze.main([*common, "--self_influence"])["identity_self"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # measured on the shared 2-core machine: 16 s on one thread, 88 s on two
+    try:
+        pairwise = analyze.main([*common, "--query_batch_size", "2", "--num_queries", "4"])["identity"]
+        self_path = analyze.main([*common, "--self_influence"])["identity_self"]
+    finally:
+        torch.set_num_threads(threads)
     assert self_path == naming.self_scores_path(output_dir, "imagenet", "identity_self")
     return {"dataset_dir": dataset_dir, "output_dir": output_dir, "pairwise": pairwise, "self": self_path, "root": root}
 
@@ -164,7 +181,8 @@ def test_command_line_writes_top_influences_matching_the_scores_and_figures(anal
         "--output_dir", str(analysed["output_dir"]), "--factor_strategy", "identity", "--top_k", "3",
         "--queries", "3,0", "--figure_dir", str(figure_dir),
     ]
-    completed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}  # see `one_thread`
+    completed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=environment)
     assert completed.returncode == 0, completed.stderr
 
     scores = load_file(str(analysed["pairwise"]))[naming.SCORES_KEY]
