@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -83,12 +84,12 @@ class LossMeasurementTask(analyze.ClassificationTask):
         return self.compute_train_loss(batch, model, sample=False)
 
 
-def _self_scores(model, train, settings, provenance) -> torch.Tensor:
+def _self_scores(model, train, settings, provenance, name="ekfac_self") -> torch.Tensor:
     analyzer = analyze.make_analyzer(copy.deepcopy(model), settings)
     record = analyze.fit_factors(analyzer, train, settings, provenance)
     path = analyze.compute_self_scores(analyzer, train, settings, provenance, record)
-    assert path == naming.self_scores_path(settings.output_dir, settings.analysis_name, "ekfac_self")
-    return load_file(str(path))[naming.SCORES_KEY]
+    assert path == naming.self_scores_path(settings.output_dir, settings.analysis_name, name)
+    return load_file(str(path))[naming.SCORES_KEY].clone()  # a copy: the file may be replaced
 
 
 def test_self_scores_equal_the_diagonal_of_pairwise_scores_with_the_training_loss_as_measurement(tmp_path, monkeypatch, one_thread):
@@ -112,6 +113,21 @@ def test_self_scores_equal_the_diagonal_of_pairwise_scores_with_the_training_los
     assert (self_scores > 0).all()  # g' P g with P positive definite
     off_diagonal = pairwise[~torch.eye(len(train), dtype=torch.bool)]
     assert off_diagonal.abs().max() > 1e-3 * self_scores.max()  # not a diagonal matrix by construction
+
+
+def test_self_scores_are_reused_and_other_settings_refused(tmp_path, one_thread):
+    model, train, _ = small_problem()
+    settings = analyze.AnalysisSettings(strategy="identity", train_batch_size=5, output_dir=str(tmp_path), analysis_name="small")
+    provenance = {"train": {"model": "small", "num_train": len(train)}}
+    _self_scores(model, train, settings, provenance, "identity_self")
+    path = naming.self_scores_path(tmp_path, "small", "identity_self")
+    stamp = path.stat().st_mtime_ns
+    _self_scores(model, train, settings, provenance, "identity_self")
+    assert path.stat().st_mtime_ns == stamp  # reused, not recomputed
+    with pytest.raises(analyze.UserError, match=r"damping_factor 1e-08 -> 0.5.*--overwrite"):
+        _self_scores(model, train, dataclasses.replace(settings, damping_factor=0.5), provenance, "identity_self")
+    changed = _self_scores(model, train, dataclasses.replace(settings, damping_factor=0.5, overwrite=True), provenance, "identity_self")
+    assert path.stat().st_mtime_ns != stamp and changed.shape == (len(train),)
 
 
 def test_a_planted_mislabelled_image_ranks_at_the_top_of_self_influence(tmp_path, one_thread):
