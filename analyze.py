@@ -1,7 +1,8 @@
 """The driver: wraps the ResNet-50 and the ImageNet datasets from `pipeline.py` in a kronfluence Task,
 fits the covariance, eigendecomposition and lambda factors on the training set, and computes pairwise
 influence scores between the first `--num_queries` validation images and every training image (full
-rank, or low-rank query gradients with query batching; float32 or bfloat16). Finished factors and
+rank, or low-rank query gradients with query batching; float32 or bfloat16), or with `--self_influence`
+the self-influence score of every training image instead. Finished factors and
 scores are reused when the same command is run again; results computed with other settings are never
 mixed in silently. `--demo` runs the whole pipeline offline on generated images."""
 
