@@ -1,7 +1,8 @@
 """The driver: wraps the ResNet-50 and the ImageNet datasets from `pipeline.py` in a kronfluence Task,
 fits the covariance, eigendecomposition and lambda factors on the training set, and computes pairwise
 influence scores between the first `--num_queries` validation images and every training image (full
-rank, or low-rank query gradients with query batching; float32 or bfloat16). Finished factors and
+rank, or low-rank query gradients with query batching; float32 or bfloat16), or with `--self_influence`
+the self-influence score of every training image instead. Finished factors and
 scores are reused when the same command is run again; results computed with other settings are never
 mixed in silently. `--demo` runs the whole pipeline offline on generated images."""
 
@@ -18,7 +19,7 @@ import shutil
 import sys
 import uuid
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from kronfluence.analyzer import Analyzer, prepare_model
 from kronfluence.arguments import FactorArguments, ScoreArguments
 from kronfluence.score.pairwise import pairwise_scores_save_path
+from kronfluence.score.self import self_scores_save_path
 from kronfluence.task import Task
 from kronfluence.utils.constants import SCORE_ARGUMENTS_NAME
 from kronfluence.utils.common.factor_arguments import all_low_precision_factor_arguments
@@ -73,8 +75,7 @@ FACTOR_MAX_EXAMPLES = 100_000  # kronfluence's cap for covariance and lambda fit
 # minutes of upstream's 11-hour full-rank A100 run); each partition recomputes the query gradients, which
 # costs about num_queries / SCORE_PARTITION_EXAMPLES (2%) more at full rank.
 SCORE_PARTITION_EXAMPLES = 50_000
-# kronfluence's file names for what it writes per partition, and for the score arguments it saves.
-PARTITION_FILES_GLOB = "pairwise_scores_data_partition*_module_partition*.safetensors"
+# kronfluence's file name for the score arguments it saves.
 KRONFLUENCE_SCORE_ARGUMENTS_FILE = f"{SCORE_ARGUMENTS_NAME}_arguments.json"
 # Write errors a user fixes by freeing space (or raising a quota or file-size limit), then resuming.
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -107,6 +108,10 @@ class AnalysisSettings:
     @property
     def scores_name(self) -> str:
         return naming.scores_name(self.strategy, self.use_half_precision, self.query_gradient_rank)
+
+    @property
+    def self_scores_name(self) -> str:
+        return naming.self_scores_name(self.strategy, self.use_half_precision)
 
 
 def sample_labels(logits: torch.Tensor, indices: torch.Tensor, seed: int) -> torch.Tensor:
@@ -366,21 +371,8 @@ def compute_scores(
         **provenance.get("inputs", {}),
     }
     distributed.on_main(layout, lambda: claim_results_dir(directory, depends_on, settings, "scores", resolved))
-    path = directory / naming.PAIRWISE_SCORES_FILE
-    if path.is_file():
-        logger.info("reusing finished scores %s", path)
-        distributed.on_main(layout, lambda: remove_partition_files(directory))
-        return path
-    distributed.on_main(layout, lambda: discard_other_partitioning(directory, score_args))
-    for partition in range(partitions):
-        if partitions > 1 and partition_scores_path(directory, partition).is_file():
-            logger.info("scores `%s`: reusing finished partition %d of %d", settings.scores_name, partition + 1, partitions)
-            continue
-        if partitions > 1:
-            logger.info("scores `%s`: partition %d of %d", settings.scores_name, partition + 1, partitions)
-        # torch.svd_lowrank (low-rank query gradients) is randomised; seeding before every partition gives
-        # each partition, and a resumed run, the same query gradients as one uninterrupted pass.
-        torch.manual_seed(settings.seed)
+
+    def compute(targets: Optional[List[int]]) -> None:
         analyzer.compute_pairwise_scores(
             scores_name=settings.scores_name,
             factors_name=settings.factors_name,
@@ -389,38 +381,125 @@ def compute_scores(
             per_device_query_batch_size=settings.query_batch_size,
             per_device_train_batch_size=settings.train_batch_size,
             score_args=score_args,
-            target_data_partitions=[partition] if partitions > 1 else None,
+            target_data_partitions=targets,
         )
+
+    return compute_in_partitions(
+        directory, PAIRWISE, settings.scores_name, score_args, settings.seed, layout, compute,
+        lambda: analyzer.aggregate_pairwise_scores(scores_name=settings.scores_name),
+    )
+
+
+def compute_self_scores(
+    analyzer: Any,
+    train_dataset: data.Dataset,
+    settings: AnalysisSettings,
+    provenance: Dict[str, Any],
+    factors_record: Dict[str, Any],
+    layout: distributed.Layout = distributed.Layout(),
+) -> Path:
+    """Computes (or reuses) the self-influence score of every training example with the same factors:
+    kronfluence's self scores, the training loss's gradient preconditioned and dotted with itself (always
+    full rank); returns the path of the score file (a vector of length num_train)."""
+    directory = analyzer.scores_output_dir(settings.self_scores_name)
+    depends_on = {
+        "factors_name": settings.factors_name,
+        "factors_id": factors_record["id"],
+        "damping_factor": settings.damping_factor,
+        "use_half_precision": settings.use_half_precision,
+        **provenance["train"],
+    }
+    partitions = score_partitions(settings, len(train_dataset))
+    score_args = score_arguments(dataclasses.replace(settings, query_gradient_rank=None), 1, partitions)
+    resolved = {"self_influence": True, "score_partitions": partitions, **provenance.get("inputs", {})}
+    distributed.on_main(layout, lambda: claim_results_dir(directory, depends_on, settings, "self-influence scores", resolved))
+
+    def compute(targets: Optional[List[int]]) -> None:
+        analyzer.compute_self_scores(
+            scores_name=settings.self_scores_name,
+            factors_name=settings.factors_name,
+            train_dataset=train_dataset,
+            per_device_train_batch_size=settings.train_batch_size,
+            score_args=score_args,
+            target_data_partitions=targets,
+        )
+
+    return compute_in_partitions(
+        directory, SELF, settings.self_scores_name, score_args, settings.seed, layout, compute,
+        lambda: analyzer.aggregate_self_scores(scores_name=settings.self_scores_name),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreFiles:
+    """Where kronfluence writes one kind of scores: the joined file and the per-partition files."""
+
+    name: str
+    partition_path: Callable[..., Path]  # kronfluence's save-path function, (output_dir, partition)
+    partition_glob: str
+
+
+PAIRWISE = ScoreFiles(
+    naming.PAIRWISE_SCORES_FILE, pairwise_scores_save_path, "pairwise_scores_data_partition*_module_partition*.safetensors"
+)
+SELF = ScoreFiles(naming.SELF_SCORES_FILE, self_scores_save_path, "self_scores_data_partition*_module_partition*.safetensors")
+
+
+def compute_in_partitions(
+    directory: Path,
+    files: ScoreFiles,
+    scores_name: str,
+    score_args: ScoreArguments,
+    seed: int,
+    layout: distributed.Layout,
+    compute: Callable[[Optional[List[int]]], None],
+    aggregate: Callable[[], None],
+) -> Path:
+    """Runs `compute` on each training-set partition that is not finished yet, joins the partitions, and
+    returns the joined file; reuses a finished joined file."""
+    path = directory / files.name
+    if path.is_file():
+        logger.info("reusing finished scores %s", path)
+        distributed.on_main(layout, lambda: remove_partition_files(directory, files))
+        return path
+    distributed.on_main(layout, lambda: discard_other_partitioning(directory, files, score_args))
+    partitions = score_args.data_partitions
+    for partition in range(partitions):
+        if partitions > 1 and files.partition_path(output_dir=directory, partition=(partition, 0)).is_file():
+            logger.info("scores `%s`: reusing finished partition %d of %d", scores_name, partition + 1, partitions)
+            continue
+        if partitions > 1:
+            logger.info("scores `%s`: partition %d of %d", scores_name, partition + 1, partitions)
+        # torch.svd_lowrank (low-rank query gradients) is randomised; seeding before every partition gives
+        # each partition, and a resumed run, the same query gradients as one uninterrupted pass.
+        torch.manual_seed(seed)
+        compute([partition] if partitions > 1 else None)
     if partitions > 1:
         # kronfluence joins the partitions after computing the last one; a run that crashed after the
         # last partition but before or while joining them joins them now.
         if not path.is_file() and layout.is_main:
-            analyzer.aggregate_pairwise_scores(scores_name=settings.scores_name)
-        distributed.on_main(layout, lambda: remove_partition_files(directory))
+            aggregate()
+        distributed.on_main(layout, lambda: remove_partition_files(directory, files))
     return path
 
 
-def partition_scores_path(directory: Path, partition: int) -> Path:
-    return pairwise_scores_save_path(output_dir=directory, partition=(partition, 0))
-
-
-def discard_other_partitioning(directory: Path, score_args: ScoreArguments) -> None:
+def discard_other_partitioning(directory: Path, files: ScoreFiles, score_args: ScoreArguments) -> None:
     """Finished partitions of an interrupted run are kept when the run resumes with the same score
     arguments; partitions made with others (another partition count, say) cannot be joined with new ones,
     so they are removed, as are kronfluence's saved arguments, which it would otherwise refuse to replace."""
     saved_path = directory / KRONFLUENCE_SCORE_ARGUMENTS_FILE
     if not saved_path.is_file() or json.loads(saved_path.read_text()) == score_args.to_dict():
         return
-    stale = sorted(directory.glob(PARTITION_FILES_GLOB))
+    stale = sorted(directory.glob(files.partition_glob))
     logger.warning("discarding %d partial score files of an interrupted run with other score arguments", len(stale))
     for stale_path in [*stale, saved_path]:
         stale_path.unlink()
 
 
-def remove_partition_files(directory: Path) -> None:
+def remove_partition_files(directory: Path, files: ScoreFiles) -> None:
     """Once the joined score file is complete its partitions are redundant copies (5 GB for ImageNet)."""
-    shape = scores_shape(directory / naming.PAIRWISE_SCORES_FILE)  # raises if the joined file is unreadable
-    partitions = sorted(directory.glob(PARTITION_FILES_GLOB))
+    shape = scores_shape(directory / files.name)  # raises if the joined file is unreadable
+    partitions = sorted(directory.glob(files.partition_glob))
     if partitions:
         logger.info("scores of shape %s complete; removing %d partition files", shape, len(partitions))
     for partition_path in partitions:
@@ -511,6 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--profile", action="store_true", help="Print the per-phase timing table at the end.")
     parser.add_argument("--score_partitions", type=positive_int, help=f"Parts the training set is scored in; each is saved when done, so an interrupted run loses at most one (default: one per {SCORE_PARTITION_EXAMPLES:,} training images).")
     parser.add_argument("--check_images", action="store_true", help="Decode every training and query image before the analysis starts and stop with the list of unreadable files (one pass over the data, with --num_workers processes).")
+    parser.add_argument("--self_influence", action="store_true", help=f"Compute self-influence scores of every training image with the same factors (scores_STRATEGY[_half]{naming.SELF_SUFFIX}/{naming.SELF_SCORES_FILE}) INSTEAD of pairwise scores; run without it for pairwise scores (finished factors are reused either way). Not under torchrun on CPUs.")
     parser.add_argument("--dist_timeout", type=positive_int, default=distributed.DEFAULT_TIMEOUT_S, help=f"Under torchrun: seconds a rank waits for the others in a collective before it fails (default: {distributed.DEFAULT_TIMEOUT_S}).")
     return parser
 
@@ -524,6 +604,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error("--dataset_dir is required (or --demo for the offline demo)")
     if args.checkpoint is not None and args.weights is not None:
         parser.error("--checkpoint and --weights exclude each other")
+    if args.self_influence:
+        query_flags = {"--num_queries": args.num_queries, "--query_batch_size": args.query_batch_size,
+                       "--query_gradient_rank": args.query_gradient_rank,
+                       "--query_gradient_accumulation_steps": args.query_gradient_accumulation_steps}
+        given = [flag for flag, value in query_flags.items() if value is not None]
+        if given:
+            parser.error(f"--self_influence scores the training set against itself (full rank); drop {', '.join(given)}")
     defaults = DEMO_DEFAULTS if args.demo else SEED_DEFAULTS
     for key, value in defaults.items():
         # `--damping_factor` is absent when not given: its None already means the heuristic.
@@ -568,6 +655,11 @@ def run(args: argparse.Namespace, layout: distributed.Layout) -> Dict[str, Path]
     _check_output_dir(Path(settings.output_dir))
     if args.checkpoint is not None:
         pipeline.check_checkpoint_path(args.checkpoint)
+    if args.self_influence and layout.distributed and not torch.cuda.is_available():
+        raise UserError(
+            "--self_influence is not supported under torchrun on CPUs (kronfluence_gloo_shim does not cover "
+            "self scores); run it as a single process, or on GPUs"
+        )
     distributed.init(layout, args.dist_timeout)
     weights = args.weights
     if args.demo:
@@ -580,6 +672,8 @@ def run(args: argparse.Namespace, layout: distributed.Layout) -> Dict[str, Path]
     train_dataset = pipeline.get_imagenet_dataset("train", dataset_dir)
     val_dataset = pipeline.get_imagenet_dataset("val", dataset_dir)
     num_queries = args.num_queries if args.num_queries is not None else len(val_dataset)
+    if args.self_influence:
+        num_queries = 0  # no queries: val is only checked for its classes
     pipeline.check_datasets(train_dataset, val_dataset, num_queries)
     if settings.score_partitions is not None and settings.score_partitions > len(train_dataset):
         raise UserError(
@@ -616,6 +710,15 @@ def run(args: argparse.Namespace, layout: distributed.Layout) -> Dict[str, Path]
 
     analyzer = make_analyzer(model, settings)
     factors_record = fit_factors(analyzer, train_dataset, settings, provenance, layout)
+    if args.self_influence:
+        path = compute_self_scores(analyzer, train_dataset, settings, provenance, factors_record, layout)
+        if layout.is_main:
+            logger.info("self-influence scores `%s`: %s, shape %s", settings.self_scores_name, path, scores_shape(path))
+            if args.demo:
+                print(demo.self_influence_report(settings.self_scores_name, path, analyzer.profiler.summary()))
+            elif settings.profile:
+                print(analyzer.profiler.summary())
+        return {settings.self_scores_name: path}
     runs = [settings]
     if args.demo:
         low_rank = settings.query_gradient_rank or DEMO_LOW_RANK

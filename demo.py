@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from torch.utils import data
 
+import naming
 from pipeline import SPLITS, base_image_folder, example_path
 
 DEMO_DIR = Path("data") / "demo"
@@ -141,4 +142,28 @@ def report(
             f"`{name}`: share of top-{REPORT_TOP_K} influencers with the query's label "
             f"{share['same_label_share']:.2f} (chance {share['chance']:.2f})"
         )
+    name, path = next(iter(results.items()))
+    table, summary = naming.top_influences_tables(path.parent, self_influence=False)
+    figure = naming.top_influences_figure_path(naming.DEFAULT_FIGURE_DIR, naming.DEMO_ANALYSIS_NAME, name, 0)
+    lines += [
+        "",
+        "every query's most helpful and most harmful training images, as files and pictures:",
+        "  python top_influences.py --demo",
+        f"    -> {table}, {summary}, {figure} (one figure per query)",
+        "training images ranked by self-influence (atypical or mislabelled ones first):",
+        "  python analyze.py --demo --self_influence && python top_influences.py --demo --self",
+    ]
     return "\n".join(lines)
+
+
+def self_influence_report(name: str, path: Path, profile_table: str) -> str:
+    """What `analyze.py --demo --self_influence` prints: where the scores are and what reads them."""
+    table, summary = naming.top_influences_tables(path.parent, self_influence=True)
+    figure = naming.top_influences_figure_path(naming.DEFAULT_FIGURE_DIR, naming.DEMO_ANALYSIS_NAME, name)
+    return "\n".join([
+        "", "=" * 24 + " demo self-influence report " + "=" * 24,
+        f"self-influence scores `{name}`: {path} (one per training image)",
+        "", "profile (all phases of this process):", profile_table, "",
+        "training images ranked by self-influence: python top_influences.py --demo --self",
+        f"    -> {table}, {summary}, {figure}",
+    ])

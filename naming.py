@@ -5,12 +5,13 @@ agree (kronfluence's layout: OUTPUT_DIR/ANALYSIS_NAME/factors_NAME/ and .../scor
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 from kronfluence.utils.constants import FACTOR_SAVE_PREFIX, SCORE_SAVE_PREFIX
 
 DEFAULT_OUTPUT_DIR = "influence_results"
 DEFAULT_ANALYSIS_NAME = "imagenet"
+DEFAULT_FIGURE_DIR = "figure"
 DEMO_ANALYSIS_NAME = "demo"  # where `analyze.py --demo` writes, so demo results never mix with real ones
 PAIRWISE_SCORES_FILE = "pairwise_scores.safetensors"
 SELF_SCORES_FILE = "self_scores.safetensors"
@@ -56,3 +57,34 @@ def scores_dir(output_dir: str | Path, analysis_name: str, name: str) -> Path:
 
 def pairwise_scores_path(output_dir: str | Path, analysis_name: str, name: str) -> Path:
     return scores_dir(output_dir, analysis_name, name) / PAIRWISE_SCORES_FILE
+
+
+SELF_SUFFIX = "_self"
+TOP_INFLUENCES_STEM = "top_influences"
+SELF_INFLUENCE_STEM = "self_influence"
+
+
+def self_scores_name(strategy: str, use_half_precision: bool) -> str:
+    """`ekfac_self`, `ekfac_half_self`: self-influence scores have their own folder, since they depend on
+    the factors and the training set but not on the queries (and are always full rank)."""
+    return factors_name(strategy, use_half_precision) + SELF_SUFFIX
+
+
+def self_scores_path(output_dir: str | Path, analysis_name: str, name: str) -> Path:
+    return scores_dir(output_dir, analysis_name, name) / SELF_SCORES_FILE
+
+
+def top_influences_tables(results_dir: str | Path, self_influence: bool) -> Tuple[Path, Path]:
+    """The CSV and JSON files `top_influences.py` writes (beside the score file by default)."""
+    stem = SELF_INFLUENCE_STEM if self_influence else TOP_INFLUENCES_STEM
+    return Path(results_dir) / f"{stem}.csv", Path(results_dir) / f"{stem}.json"
+
+
+def top_influences_figure_path(
+    figure_dir: str | Path, analysis_name: str, name: str, query_index: Optional[int] = None
+) -> Path:
+    """`figure/top_influences_demo_ekfac_query0.png` for one query's influencers, or
+    `figure/self_influence_demo_ekfac_self.png` (no query) for the self-influence ranking."""
+    if query_index is None:
+        return Path(figure_dir) / f"{SELF_INFLUENCE_STEM}_{analysis_name}_{name}.png"
+    return Path(figure_dir) / f"{TOP_INFLUENCES_STEM}_{analysis_name}_{name}_query{query_index}.png"

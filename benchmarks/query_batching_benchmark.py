@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -103,6 +103,16 @@ def run_analysis(workdir: Path, num_queries: int, rows_per_block: Optional[int])
     return {"seconds": seconds, "peak_rss_bytes": peak, "spearman_mean": summary["statistics"]["Spearman"]["mean"]}
 
 
+def report(rows: Sequence[Tuple[str, str]], result: Dict[str, object], json_path: Optional[Path]) -> None:
+    """Prints the measurements as a two-column table and writes them to `json_path` if one is given."""
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result, indent=2) + "\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__)
     parser.add_argument("--num_queries", type=int, default=FULL_NUM_QUERIES, help=f"Query rows per file (default: {FULL_NUM_QUERIES}).")
@@ -152,12 +162,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
          f"{'within' if result['within_memory_budget'] else 'OVER'})"),
         ("Spearman mean", f"{measured['spearman_mean']:.4f}"),
     ]
-    width = max(len(name) for name, _ in rows)
-    for name, value in rows:
-        print(f"{name:<{width}}  {value}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    report(rows, result, args.json)
     return result
 
 

@@ -105,7 +105,7 @@ def test_run_killed_in_every_phase_resumes_to_the_same_scores(dataset, uninterru
     assert "activation_covariance.safetensors" not in finished_before["covariance:4"]
     scores_dir = naming.scores_dir(tmp_path, "imagenet", "ekfac")
     assert torch.equal(_scores(scores_dir / naming.PAIRWISE_SCORES_FILE), uninterrupted["ekfac"])
-    assert not list(scores_dir.glob(analyze.PARTITION_FILES_GLOB))  # joined, then removed
+    assert not list(scores_dir.glob(analyze.PAIRWISE.partition_glob))  # joined, then removed
 
 
 def test_low_rank_run_killed_while_scoring_resumes_to_the_same_scores(dataset, uninterrupted, tmp_path):
@@ -146,9 +146,10 @@ def test_rerun_with_other_partitioning_discards_unjoined_partitions(dataset, uni
 
 def _in_process(monkeypatch, dataset: Path, output_dir: Path, *extra: str):
     monkeypatch.setattr(pipeline, "build_model", small_model_cli.build_tiny_model)
+    queries = [] if "--self_influence" in extra else ["--num_queries", "2"]
     return analyze.main([
         "--dataset_dir", str(dataset), "--weights", "none", "--num_workers", "0", "--factor_strategy", "identity",
-        "--num_queries", "2", "--output_dir", str(output_dir), *extra,
+        "--output_dir", str(output_dir), *queries, *extra,
     ])
 
 
@@ -263,3 +264,17 @@ def test_full_disk_is_one_line_and_the_rerun_finishes(dataset, uninterrupted, tm
     again = _run(argv)
     assert again.returncode == 0, again.stderr[-3000:]
     assert torch.equal(_scores(naming.pairwise_scores_path(tmp_path, "imagenet", "ekfac")), uninterrupted["ekfac"])
+
+
+def test_self_influence_in_partitions_equals_one_pass(monkeypatch, tmp_path):
+    dataset = write_image_folder(tmp_path / "imagenet", tiny_counts())
+    results = {}
+    for partitions in ("1", "3"):
+        output_dir = tmp_path / f"out{partitions}"
+        paths = _in_process(monkeypatch, dataset, output_dir, "--self_influence", "--score_partitions", partitions)
+        (path,) = paths.values()
+        results[partitions] = _scores(path)
+        assert not list(path.parent.glob(analyze.SELF.partition_glob))
+    assert results["3"].shape == (6,)
+    # Per-example gradients come from batches of other sizes, so equal up to float rounding.
+    torch.testing.assert_close(results["3"], results["1"], rtol=1e-5, atol=0)

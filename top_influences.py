@@ -1,0 +1,512 @@
+"""Puts influence scores in front of a person. From a pairwise score file written by `analyze.py` it lists,
+for each query, the training images that helped its prediction most (highest scores) and hurt it most
+(lowest scores), with file, label, score and rank, as CSV and JSON beside the score file, and draws one
+figure per query: the query with its label and the model's prediction, then its top helpful and top harmful
+training images. With `--self` it reads the self-influence scores (`analyze.py --self_influence`) instead
+and ranks the training images by them, highest first: atypical or mislabelled images tend to come first.
+The score matrix is streamed a block of query rows at a time (a 1000 x 1,281,167 file in well under 2 GB),
+and images are opened only for what is drawn."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from kronfluence.utils.constants import SCORE_SAVE_PREFIX
+from PIL import Image
+from safetensors import SafetensorError, safe_open
+from torch import nn
+from torch.utils import data
+from torchvision import transforms
+from torchvision.models import ResNet50_Weights
+from tqdm import tqdm
+
+import naming
+import pipeline
+from analyze import FULL_RANK, STRATEGIES, dataset_provenance
+from analyze import _rank as rank_argument
+from cli import UserError, non_negative_int, positive_int, setup_logging, user_errors
+from query_batching_analysis import ScoreFile, check_writable, open_score_file, read_rows
+
+PROG = "top_influences.py"
+logger = logging.getLogger(PROG)
+
+HELPFUL, HARMFUL = "helpful", "harmful"
+CSV_COLUMNS = ("query_index", "query_path", "kind", "rank", "train_index", "train_path", "label", "score")
+SELF_CSV_COLUMNS = ("rank", "train_index", "train_path", "label", "score")
+DEFAULT_TOP_K = 10
+DEFAULT_FIGURE_TOP_K = 5
+DEFAULT_SELF_FIGURE_TOP_K = 20
+DEFAULT_NUM_FIGURES = 10
+# Two copies of 16 rows of 1,281,167 float32 scores are 164 MB.
+DEFAULT_ROWS_PER_BLOCK = 16
+PREDICTION_BATCH_SIZE = 16
+# Figure geometry, in inches at DPI: each cell is an image with its caption above and a gap beside it,
+# and a title band tops the figure. Axes are placed by hand (no tight bounding box), so the PNG's size in
+# pixels follows from the number of cells alone.
+IMAGE_INCHES = 1.6
+CAPTION_INCHES = 0.62
+GAP_INCHES = 0.12
+TITLE_INCHES = 0.4
+DPI = 100
+# Saved with an adaptive palette: a quarter of the bytes of full colour, plenty for thumbnails.
+PALETTE_COLOURS = 256
+SELF_GRID_COLUMNS = 5
+LABEL_WIDTH = 28  # characters of a label shown under an image
+
+
+@dataclass(frozen=True)
+class Example:
+    """One image as the outputs name it."""
+
+    index: int
+    path: str
+    label: str
+
+
+# ------------------------------------------------------------------------------------------ scores
+
+
+def parse_queries(text: str) -> List[int]:
+    """argparse type for `--queries 0,5,9`: distinct indices >= 0, in the order given."""
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated query indices such as 0,5,9, not {text!r}") from None
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"must be comma-separated query indices >= 0, not {text!r}")
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"lists a query twice: {text!r}")
+    return values
+
+
+def stream_top_k(
+    score_file: ScoreFile, queries: Sequence[int], k: int, rows_per_block: int
+) -> Dict[int, Dict[str, Tuple[List[float], List[int]]]]:
+    """For each query, the k highest (helpful) and k lowest (harmful) scores and their training indices,
+    best first. Only blocks of rows holding a chosen query are read, one block at a time."""
+    wanted = set(queries)
+    k = min(k, score_file.num_train)
+    found: Dict[int, Dict[str, Tuple[List[float], List[int]]]] = {}
+    with tqdm(total=len(wanted), desc="top-k", unit="query") as progress:
+        for start in range(0, score_file.num_queries, rows_per_block):
+            stop = min(start + rows_per_block, score_file.num_queries)
+            chosen = [q for q in range(start, stop) if q in wanted]
+            if not chosen:
+                continue
+            rows = torch.from_numpy(read_rows(score_file, start, stop))[[q - start for q in chosen]]
+            helpful = torch.topk(rows, k, dim=1)
+            harmful = torch.topk(rows, k, dim=1, largest=False)
+            for position, query in enumerate(chosen):
+                found[query] = {
+                    HELPFUL: (helpful.values[position].tolist(), helpful.indices[position].tolist()),
+                    HARMFUL: (harmful.values[position].tolist(), harmful.indices[position].tolist()),
+                }
+            progress.update(len(chosen))
+    return found
+
+
+def read_self_scores(path: Path) -> torch.Tensor:
+    """The self-influence vector (num_train,) as float32 (float64 kept), checked; one line per problem."""
+    if not path.is_file():
+        raise UserError(f"self-influence score file not found: {path} (run analyze.py --self_influence first)")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            if naming.SCORES_KEY not in handle.keys():
+                raise UserError(f"{path} has no '{naming.SCORES_KEY}' scores (keys: {', '.join(handle.keys()) or 'none'})")
+            scores = handle.get_tensor(naming.SCORES_KEY)
+    except SafetensorError as error:
+        raise UserError(f"{path} is not a readable safetensors file ({error})") from None
+    if scores.dim() != 1:
+        raise UserError(f"{path}: '{naming.SCORES_KEY}' has shape {tuple(scores.shape)}, expected (training examples,): is it a pairwise file? (drop --self)")
+    if not scores.is_floating_point():
+        raise UserError(f"{path}: '{naming.SCORES_KEY}' holds {scores.dtype}, expected floating-point scores")
+    scores = scores.double() if scores.dtype == torch.float64 else scores.float()
+    if not torch.isfinite(scores).all():
+        first = int((~torch.isfinite(scores)).nonzero()[0])
+        raise UserError(f"{path} has NaN or infinite scores (first: training example {first}); recompute them")
+    return scores
+
+
+# ------------------------------------------------------------------------------------ datasets, model
+
+
+def class_names(classes: Sequence[str]) -> List[str]:
+    """`wnid readable name` when the folder has torchvision's 1,000 ImageNet classes (their readable names
+    are in the weights' metadata, available without downloading the weights), else the folder names."""
+    categories = ResNet50_Weights[pipeline.DEFAULT_WEIGHTS].meta["categories"]
+    if len(classes) != len(categories):
+        return list(classes)
+    return [f"{wnid} {name}" for wnid, name in zip(classes, categories)]
+
+
+def describe(dataset: data.Dataset, names: Sequence[str], position: int) -> Example:
+    path, label = pipeline.example_path(dataset, position)
+    return Example(index=position, path=path, label=names[label])
+
+
+def load_record(scores_path: Path) -> Optional[Dict[str, Any]]:
+    record_path = scores_path.parent / naming.RUN_CONFIG_FILE
+    if not record_path.is_file():
+        logger.warning("%s is missing: cannot check that the scores were computed on this dataset", record_path)
+        return None
+    try:
+        return json.loads(record_path.read_text())
+    except ValueError:
+        raise UserError(f"{record_path} is not valid JSON (an interrupted run?)") from None
+
+
+def check_same_images(
+    record: Optional[Dict[str, Any]], train: data.Dataset, queries: data.Dataset, dataset_dir: Path, self_influence: bool
+) -> None:
+    """The dataset's images and labels are those the scores were computed on, by analyze.py's own
+    fingerprint of them (whatever it covers), compared key by key with what the score folder recorded."""
+    if record is None:
+        return
+    provenance = dataset_provenance(train, queries, model_source="")
+    current = provenance["train" if self_influence else "query"]
+    saved = record.get("depends_on", {})
+    changed = [key for key in sorted(current) if key != "model" and key in saved and saved[key] != current[key]]
+    if changed:
+        raise UserError(
+            f"the images in {dataset_dir} are not those the scores were computed on ({', '.join(changed)} differ "
+            f"from {naming.RUN_CONFIG_FILE}); pass the --dataset_dir that analyze.py used"
+        )
+
+
+def model_for_predictions(args: argparse.Namespace, record: Optional[Dict[str, Any]]) -> Optional[nn.Module]:
+    """`_build_model_for_predictions`, with --no_prediction named in its errors."""
+    try:
+        return _build_model_for_predictions(args, record)
+    except UserError as error:
+        raise UserError(f"{error} (or pass --no_prediction to draw the figures without predictions)") from None
+
+
+def _build_model_for_predictions(args: argparse.Namespace, record: Optional[Dict[str, Any]]) -> Optional[nn.Module]:
+    """The model the scores were computed with, for the predictions in the figures: from --weights or
+    --checkpoint, else rebuilt from what the score folder recorded (a torchvision weights name, or a
+    checkpoint found at its recorded path with the recorded sha256)."""
+    if args.no_prediction:
+        return None
+    source = (record or {}).get("depends_on", {}).get("model")
+    seed = args.seed if args.seed is not None else (record or {}).get("settings", {}).get("seed", 0)
+    if args.checkpoint is not None:
+        pipeline.check_checkpoint_path(args.checkpoint)
+        if source is not None and source != f"checkpoint sha256:{pipeline.file_sha256(args.checkpoint)}":
+            raise UserError(f"--checkpoint {args.checkpoint} is not the model the scores were computed with ({source})")
+        return pipeline.build_model(weights=None, checkpoint=args.checkpoint)
+    if args.weights is not None:
+        return pipeline.build_model(weights=args.weights, seed=seed)
+    if source is None:
+        logger.warning("no recorded model and no --weights/--checkpoint: figures show no predictions")
+        return None
+    kind, _, value = source.partition(":")
+    if kind == "weights":
+        return pipeline.build_model(weights=value, seed=seed)
+    recorded = Path((record or {}).get("resolved", {}).get("checkpoint") or "")
+    if recorded.is_file() and f"checkpoint sha256:{pipeline.file_sha256(recorded)}" == source:
+        return pipeline.build_model(weights=None, checkpoint=recorded)
+    raise UserError(
+        f"the scores were computed with a checkpoint ({source}) that is no longer at {recorded}; pass --checkpoint PATH"
+    )
+
+
+def predict(model: nn.Module, dataset: data.Dataset, positions: Sequence[int], names: Sequence[str]) -> Dict[int, str]:
+    """`class name (probability)` of the model's top class for each example (evaluation transform)."""
+    predictions: Dict[int, str] = {}
+    with torch.no_grad():
+        for start in range(0, len(positions), PREDICTION_BATCH_SIZE):
+            chunk = list(positions[start : start + PREDICTION_BATCH_SIZE])
+            images = torch.stack([dataset[position][0] for position in chunk])
+            probabilities = model(images).softmax(dim=-1)
+            confidence, classes = probabilities.max(dim=-1)
+            for position, value, index in zip(chunk, confidence.tolist(), classes.tolist()):
+                name = names[index] if index < len(names) else f"output {index}"
+                predictions[position] = f"{name} ({value:.2f})"
+    return predictions
+
+
+# ------------------------------------------------------------------------------------------ figures
+
+
+def figure_size_pixels(rows: int, columns: int) -> Tuple[int, int]:
+    """(width, height) of a figure of rows x columns cells."""
+    width = columns * (IMAGE_INCHES + GAP_INCHES)
+    height = rows * (IMAGE_INCHES + CAPTION_INCHES) + TITLE_INCHES
+    return round(width * DPI), round(height * DPI)
+
+
+def _shown(text: str) -> str:
+    return text if len(text) <= LABEL_WIDTH else text[: LABEL_WIDTH - 1] + "…"
+
+
+def draw_grid(path: Path, cells: List[List[Optional[Tuple[str, str]]]], title: str) -> None:
+    """Saves a grid of images: `cells[row][column]` is (image file, caption) or None for an empty cell.
+    Images are shown as the model saw them (resized and centre-cropped)."""
+    import matplotlib  # pylint: disable=import-outside-toplevel
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+    rows, columns = len(cells), max(len(row) for row in cells)
+    width, height = (size / DPI for size in figure_size_pixels(rows, columns))
+    view = transforms.Compose([transforms.Resize(pipeline.RESIZE_SIZE), transforms.CenterCrop(pipeline.CROP_SIZE)])
+    figure = plt.figure(figsize=(width, height), dpi=DPI)
+    for row, row_cells in enumerate(cells):
+        for column, cell in enumerate(row_cells):
+            if cell is None:
+                continue
+            left = column * (IMAGE_INCHES + GAP_INCHES) + GAP_INCHES / 2
+            bottom = height - TITLE_INCHES - (row + 1) * (IMAGE_INCHES + CAPTION_INCHES)
+            axes = figure.add_axes((left / width, bottom / height, IMAGE_INCHES / width, IMAGE_INCHES / height))
+            axes.set_xticks([])
+            axes.set_yticks([])
+            image_path, caption = cell
+            with Image.open(image_path) as image:
+                axes.imshow(view(image.convert("RGB")))
+            axes.set_title(caption, fontsize=6.5)
+    figure.suptitle(title, fontsize=8.5, y=1 - 0.1 / height, va="top")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, dpi=DPI, format="png")
+    plt.close(figure)
+    with Image.open(buffer) as rendered:
+        rendered.convert("RGB").quantize(colors=PALETTE_COLOURS, dither=Image.Dither.NONE).save(path, format="PNG", optimize=True)
+
+
+def _caption(heading: str, example: Example, score: float) -> str:
+    return f"{heading}: train #{example.index}\n{_shown(example.label)}\nscore {score:.4g}"
+
+
+def draw_query_figure(
+    path: Path, query: Example, prediction: Optional[str], ranked: Dict[str, List[Tuple[Example, float]]], scores_label: str
+) -> None:
+    """Row 1: the query, then its most helpful training images; row 2: its most harmful ones."""
+    query_caption = f"query {query.index}\nlabel {_shown(query.label)}"
+    query_caption += f"\npred. {_shown(prediction)}" if prediction else ""
+    cells: List[List[Optional[Tuple[str, str]]]] = [
+        [(query.path, query_caption)] + [(e.path, _caption(f"helpful {r}", e, s)) for r, (e, s) in enumerate(ranked[HELPFUL], 1)],
+        [None] + [(e.path, _caption(f"harmful {r}", e, s)) for r, (e, s) in enumerate(ranked[HARMFUL], 1)],
+    ]
+    no_negative = all(score >= 0 for _, score in ranked[HARMFUL])
+    draw_grid(path, cells, f"query {query.index} ({Path(query.path).name}), `{scores_label}` scores: most helpful "
+              f"(top row) and most harmful (bottom row{': no score is negative, so these helped least' if no_negative else ''})")
+
+
+def draw_self_figure(path: Path, ranked: List[Tuple[Example, float]], predictions: Dict[int, str], scores_label: str) -> None:
+    cells: List[List[Optional[Tuple[str, str]]]] = []
+    for rank, (example, score) in enumerate(ranked, 1):
+        if (rank - 1) % SELF_GRID_COLUMNS == 0:
+            cells.append([])
+        caption = _caption(f"rank {rank}", example, score)
+        if example.index in predictions:
+            caption += f"\npred. {_shown(predictions[example.index])}"
+        cells[-1].append((example.path, caption))
+    draw_grid(path, cells, f"highest self-influence (`{scores_label}`): candidates for mislabelled or atypical images")
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__)
+    parser.add_argument("--dataset_dir", type=Path, help="The ImageNet folder the scores were computed on (train/<wnid>/*, val/<wnid>/*).")
+    parser.add_argument("--demo", action="store_true", help=f"Read the demo's scores and images (data/demo, --analysis_name {naming.DEMO_ANALYSIS_NAME}).")
+    parser.add_argument("--self", dest="self_influence", action="store_true", help="Rank training images by their self-influence scores (from analyze.py --self_influence) instead of listing each query's influencers.")
+    parser.add_argument("--scores", type=Path, help="The score file or its scores_NAME folder (default: named by --output_dir, --analysis_name, --factor_strategy, --query_gradient_rank, --use_half_precision, as analyze.py names it).")
+    parser.add_argument("--output_dir", type=Path, default=Path(naming.DEFAULT_OUTPUT_DIR), help=f"analyze.py's results folder, for the default score file (default: {naming.DEFAULT_OUTPUT_DIR}).")
+    parser.add_argument("--analysis_name", help=f"Sub-folder of --output_dir (default: {naming.DEFAULT_ANALYSIS_NAME}; --demo: {naming.DEMO_ANALYSIS_NAME}).")
+    parser.add_argument("--factor_strategy", choices=STRATEGIES, default="ekfac", help="Strategy of the default score file (default: ekfac).")
+    parser.add_argument("--query_gradient_rank", type=rank_argument, default=None, help=f"Query-gradient rank of the default score file; {FULL_RANK} for full rank (default). Not with --self.")
+    parser.add_argument("--use_half_precision", action="store_true", help="The default score file is the bfloat16 one (_half).")
+    parser.add_argument("--queries", type=parse_queries, help="Comma-separated query indices, e.g. 0,5,9 (default: every query in the file). Not with --self.")
+    parser.add_argument("--top_k", type=positive_int, default=DEFAULT_TOP_K, help=f"Training images listed per query and kind (with --self: listed in all) in the CSV and JSON (default: {DEFAULT_TOP_K}).")
+    parser.add_argument("--figure_top_k", type=non_negative_int, help=f"Training images drawn per row of a query figure (default: {DEFAULT_FIGURE_TOP_K}), or in the --self grid (default: {DEFAULT_SELF_FIGURE_TOP_K}); at most --top_k.")
+    parser.add_argument("--num_figures", type=non_negative_int, default=DEFAULT_NUM_FIGURES, help=f"Draw figures for the first N chosen queries (default: {DEFAULT_NUM_FIGURES}; 0: none). The CSV and JSON cover every chosen query.")
+    parser.add_argument("--figure_dir", type=Path, default=Path(naming.DEFAULT_FIGURE_DIR), help=f"Where the PNG figures go (default: {naming.DEFAULT_FIGURE_DIR}).")
+    parser.add_argument("--results_dir", type=Path, help="Where the CSV and JSON go (default: beside the score file).")
+    parser.add_argument("--no_prediction", action="store_true", help="Do not rebuild the model: figures show labels and scores but no predictions.")
+    parser.add_argument("--weights", choices=pipeline.weight_choices(), help="Model for the predictions: torchvision weights (default: what the score folder's run_config.json records).")
+    parser.add_argument("--checkpoint", type=Path, help="Model for the predictions: a local ResNet-50 state dict (default: the recorded checkpoint, if still at its recorded path with the same sha256).")
+    parser.add_argument("--seed", type=non_negative_int, help="Seed of the random-init model with --weights none (default: the recorded seed).")
+    parser.add_argument("--rows_per_block", type=positive_int, default=DEFAULT_ROWS_PER_BLOCK, help=f"Query rows read at a time; memory grows with it (default: {DEFAULT_ROWS_PER_BLOCK}).")
+    return parser
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.demo == (args.dataset_dir is not None):
+        parser.error("pass --dataset_dir (the folder the scores were computed on), or --demo")
+    if args.self_influence and (args.query_gradient_rank is not None or args.queries is not None):
+        parser.error("--self ranks training images by self-influence: drop --query_gradient_rank and --queries")
+    if args.checkpoint is not None and args.weights is not None:
+        parser.error("--checkpoint and --weights exclude each other")
+    if args.no_prediction and (args.checkpoint is not None or args.weights is not None or args.seed is not None):
+        parser.error("--no_prediction builds no model: drop --weights/--checkpoint/--seed")
+    if args.figure_top_k is None:
+        args.figure_top_k = min(args.top_k, DEFAULT_SELF_FIGURE_TOP_K if args.self_influence else DEFAULT_FIGURE_TOP_K)
+    if args.figure_top_k > args.top_k:
+        parser.error(f"--figure_top_k {args.figure_top_k} is more than --top_k {args.top_k}")
+    if args.analysis_name is None:
+        args.analysis_name = naming.DEMO_ANALYSIS_NAME if args.demo else naming.DEFAULT_ANALYSIS_NAME
+    if args.demo:
+        import demo  # pylint: disable=import-outside-toplevel
+
+        args.dataset_dir = demo.DEMO_DIR
+    return args
+
+
+def scores_path(args: argparse.Namespace) -> Path:
+    if args.scores is not None:
+        file_name = naming.SELF_SCORES_FILE if args.self_influence else naming.PAIRWISE_SCORES_FILE
+        return args.scores / file_name if args.scores.is_dir() else args.scores
+    if args.self_influence:
+        name = naming.self_scores_name(args.factor_strategy, args.use_half_precision)
+        return naming.self_scores_path(args.output_dir, args.analysis_name, name)
+    name = naming.scores_name(args.factor_strategy, args.use_half_precision, args.query_gradient_rank)
+    return naming.pairwise_scores_path(args.output_dir, args.analysis_name, name)
+
+
+def scores_label(path: Path) -> Tuple[str, str]:
+    """(analysis name, scores name) of a score file in analyze.py's layout, for figure names."""
+    folder = path.parent.name
+    name = folder[len(SCORE_SAVE_PREFIX):] if folder.startswith(SCORE_SAVE_PREFIX) else path.stem
+    return path.parent.parent.name or "scores", name
+
+
+def write_csv(path: Path, columns: Sequence[str], rows: Sequence[Dict[str, Any]]) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _entry(rank: int, example: Example, score: float) -> Dict[str, Any]:
+    return {"rank": rank, "train_index": example.index, "train_path": example.path, "label": example.label, "score": score}
+
+
+def run_pairwise(args: argparse.Namespace, path: Path, train: data.Dataset, val: data.Dataset, names: List[str]) -> Dict[str, Any]:
+    score_file = open_score_file(path, "--scores")
+    if score_file.num_train != len(train) or score_file.num_queries > len(val):
+        raise UserError(
+            f"{path} holds {score_file.num_queries} x {score_file.num_train} scores (queries x training images) but "
+            f"{args.dataset_dir} has {len(val)} validation and {len(train)} training images; pass the --dataset_dir the scores were computed on"
+        )
+    queries = args.queries if args.queries is not None else list(range(score_file.num_queries))
+    if max(queries) >= score_file.num_queries:
+        raise UserError(f"--queries {max(queries)} is not among the {score_file.num_queries} queries in {path}")
+    query_set = data.Subset(val, list(range(score_file.num_queries)))
+    record = load_record(path)
+    check_same_images(record, train, query_set, args.dataset_dir, self_influence=False)
+    table, summary = naming.top_influences_tables(args.results_dir or path.parent, self_influence=False)
+    for output in (table, summary):
+        check_writable(output)
+    drawn = queries[: args.num_figures]
+    model = model_for_predictions(args, record) if drawn else None  # before the long part: its errors come first
+
+    logger.info("top-%d helpful and harmful training images of %d queries from %s", args.top_k, len(queries), path)
+    found = stream_top_k(score_file, queries, args.top_k, args.rows_per_block)
+    predictions = predict(model, query_set, drawn, names) if model is not None else {}
+    analysis_name, name = scores_label(path)
+    rows: List[Dict[str, Any]] = []
+    entries: List[Dict[str, Any]] = []
+    figures: List[str] = []
+    for query_index in tqdm(queries, desc="writing", unit="query"):
+        query = describe(query_set, names, query_index)
+        ranked = {
+            kind: [(describe(train, names, index), score) for score, index in zip(*found[query_index][kind])]
+            for kind in (HELPFUL, HARMFUL)
+        }
+        entry = {"query_index": query_index, "query_path": query.path, "label": query.label}
+        if query_index in predictions:
+            entry["prediction"] = predictions[query_index]
+        for kind, examples in ranked.items():
+            entry[kind] = [_entry(rank, example, score) for rank, (example, score) in enumerate(examples, 1)]
+            rows += [{"query_index": query_index, "query_path": query.path, "kind": kind, **item} for item in entry[kind]]
+        if query_index in drawn and args.figure_top_k:
+            figure = naming.top_influences_figure_path(args.figure_dir, analysis_name, name, query_index)
+            shown = {kind: examples[: args.figure_top_k] for kind, examples in ranked.items()}
+            draw_query_figure(figure, query, predictions.get(query_index), shown, name)
+            entry["figure"] = str(figure)
+            figures.append(str(figure))
+        entries.append(entry)
+    write_csv(table, CSV_COLUMNS, rows)
+    result = {
+        "scores": str(path), "dtype": score_file.dtype, "num_queries": score_file.num_queries,
+        "num_train": score_file.num_train, "top_k": args.top_k, "dataset_dir": str(args.dataset_dir),
+        "csv": str(table), "figures": figures, "queries": entries,
+    }
+    summary.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"top-{args.top_k} helpful and harmful training images of {len(queries)} queries: {table}, {summary}")
+    if figures:
+        print(f"figures ({len(figures)}): {figures[0]}{' ...' if len(figures) > 1 else ''}")
+    return result
+
+
+def run_self(args: argparse.Namespace, path: Path, train: data.Dataset, names: List[str]) -> Dict[str, Any]:
+    scores = read_self_scores(path)
+    if scores.numel() != len(train):
+        raise UserError(
+            f"{path} holds {scores.numel()} self-influence scores but {args.dataset_dir} has {len(train)} training "
+            "images; pass the --dataset_dir the scores were computed on"
+        )
+    record = load_record(path)
+    check_same_images(record, train, data.Subset(train, []), args.dataset_dir, self_influence=True)
+    table, summary = naming.top_influences_tables(args.results_dir or path.parent, self_influence=True)
+    for output in (table, summary):
+        check_writable(output)
+    model = model_for_predictions(args, record) if args.figure_top_k else None
+    values, indices = torch.topk(scores, min(args.top_k, scores.numel()))
+    ranked = [(describe(train, names, index), score) for score, index in zip(values.tolist(), indices.tolist())]
+    rows = [_entry(rank, example, score) for rank, (example, score) in enumerate(ranked, 1)]
+    write_csv(table, SELF_CSV_COLUMNS, rows)
+    figures: List[str] = []
+    shown = ranked[: args.figure_top_k]
+    predictions = predict(model, train, [example.index for example, _ in shown], names) if model is not None else {}
+    for row in rows[: len(shown)]:
+        if row["train_index"] in predictions:
+            row["prediction"] = predictions[row["train_index"]]
+    if shown:
+        analysis_name, name = scores_label(path)
+        figure = naming.top_influences_figure_path(args.figure_dir, analysis_name, name)
+        draw_self_figure(figure, shown, predictions, name)
+        figures.append(str(figure))
+    result = {
+        "scores": str(path), "num_train": scores.numel(), "top_k": args.top_k, "dataset_dir": str(args.dataset_dir),
+        "csv": str(table), "figures": figures,
+        "score_statistics": {"mean": scores.mean().item(), "median": scores.median().item(), "max": scores.max().item(), "min": scores.min().item()},
+        "ranked": rows,
+    }
+    summary.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"top-{len(rows)} training images by self-influence: {table}, {summary}")
+    if figures:
+        print(f"figure: {figures[0]}")
+    return result
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    args = parse_args(argv)
+    setup_logging()
+    with user_errors(PROG):
+        path = scores_path(args)
+        if args.demo and not args.dataset_dir.is_dir():
+            raise UserError(f"{args.dataset_dir} does not exist: run `python analyze.py --demo` first")
+        train = pipeline.get_imagenet_dataset("train", args.dataset_dir)
+        names = class_names(pipeline.base_image_folder(train).classes)
+        if args.self_influence:
+            return run_self(args, path, train, names)
+        val = pipeline.get_imagenet_dataset("val", args.dataset_dir)
+        pipeline.check_datasets(train, val, num_queries=0)
+        return run_pairwise(args, path, train, val, names)
+
+
+if __name__ == "__main__":
+    main()
