@@ -12,6 +12,7 @@ Run it from the repository root as `python -m benchmarks.benchmark`."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -22,10 +23,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
+from kronfluence.score import pairwise
 from PIL import Image
 from torch import nn
 from torch.utils import data
@@ -39,6 +41,7 @@ from cli import non_negative_int, positive_int, setup_logging, user_errors
 
 PROG = "benchmark.py"
 PHASES = ("loading", "covariance", "eigendecomposition", "lambda", "scores")
+FACTOR_PHASES = ("covariance", "eigendecomposition", "lambda")
 PRECISIONS = ("float32", "bfloat16")
 LOW_RANK = 32
 FULL_RANK_NAME = "full"
@@ -248,21 +251,24 @@ def subset(dataset: data.Dataset, count: int) -> data.Dataset:
 # ---------------------------------------------------------------------------------------- phases
 
 
-def measure_loading(bench: Bench, workers: int, num_images: int) -> Dict[str, Any]:
-    """Images/s through the real transform into batches, as the analysis's DataLoader delivers them."""
+def measure_loading(bench: Bench, workers: int, num_images: int, passes: int) -> Dict[str, Any]:
+    """Images/s through the real transform into batches, as the analysis's DataLoader delivers them, over
+    `passes` passes of one DataLoader (full-rank scoring reads the training set once per pass, so worker
+    start-up, which persistent workers pay once, is counted)."""
     settings = dataclasses.replace(bench.settings, num_workers=workers)
     kwargs = {k: v for k, v in dataclasses.asdict(analyze.dataloader_kwargs(settings)).items() if v is not None}
     indices = [i % len(bench.train) for i in range(num_images)]  # cycles the folder: decoding is the cost
     bench.clear_refs = reset_peak_memory(bench.device)
     start = time.perf_counter()
     loader = data.DataLoader(data.Subset(bench.train, indices), batch_size=settings.train_batch_size, **kwargs)
-    for images, _, _ in tqdm(loader, desc=f"loading, {workers} workers", leave=False):
-        images.to(bench.device, non_blocking=True)
+    for _ in range(passes):
+        for images, _, _ in tqdm(loader, desc=f"loading, {workers} workers", leave=False):
+            images.to(bench.device, non_blocking=True)
     if bench.device.type == "cuda":
         torch.cuda.synchronize(bench.device)
     seconds = time.perf_counter() - start
     del loader
-    return bench.record("loading", f"{workers} workers", None, seconds, num_images, num_workers=workers)
+    return bench.record("loading", f"{workers} workers", None, seconds, num_images * passes, num_workers=workers, passes=passes)
 
 
 def measure_factor_phase(bench: Bench, phase: str, precision: str, num_examples: int) -> Dict[str, Any]:
@@ -298,11 +304,34 @@ def score_settings(bench: Bench, rank: Optional[int], precision: str) -> analyze
     return dataclasses.replace(bench.settings, query_gradient_rank=rank, use_half_precision=precision == "bfloat16")
 
 
+@contextlib.contextmanager
+def training_side(device: torch.device, count: bool = False) -> Iterator[Dict[str, float]]:
+    """Times (or, with `count`, FLOP-counts) the training side of pairwise scoring alone. kronfluence
+    alternates query-side work (computing and preconditioning query gradients) with passes over the
+    training set, each one call of `kronfluence.score.pairwise.compute_dot_products_with_loader`; that
+    name is looked up when called, so wrapping it here measures exactly the passes."""
+    totals = {"seconds": 0.0, "flops": 0}
+    original = pairwise.compute_dot_products_with_loader
+
+    def measured(*args: Any, **kwargs: Any) -> Any:
+        box: Dict[str, Any] = {}
+        if count:
+            totals["flops"] += count_flops(lambda: box.setdefault("out", original(*args, **kwargs)))
+        else:
+            totals["seconds"] += _time(lambda: box.setdefault("out", original(*args, **kwargs)), device)
+        return box["out"]
+
+    pairwise.compute_dot_products_with_loader = measured
+    try:
+        yield totals
+    finally:
+        pairwise.compute_dot_products_with_loader = original
+
+
 def measure_scores(bench: Bench, rank: Optional[int], precision: str, num_train: int) -> Dict[str, Any]:
-    """Pairwise scores of `bench.num_queries` queries against training images. Two timed runs, against one
-    training image and against `num_train`, separate the query side (computing and preconditioning the
-    query gradients, once per query) from the training side (per training image); FLOPs per training image
-    are counted as the difference of two counted runs, against two training images and against one."""
+    """Pairwise scores of `bench.num_queries` queries against `num_train` training images, the training
+    side timed apart from the query side (see `training_side`); FLOPs per training image counted on the
+    training side of a second run against one training image, its query side running uncounted."""
     settings = score_settings(bench, rank, precision)
     score_args = analyze.score_arguments(settings, bench.num_queries, steps=math.ceil(bench.num_queries / settings.query_batch_size))
 
@@ -312,16 +341,15 @@ def measure_scores(bench: Bench, rank: Optional[int], precision: str, num_train:
             train_dataset=subset(bench.train, count), per_device_query_batch_size=settings.query_batch_size,
             per_device_train_batch_size=settings.train_batch_size, score_args=score_args, overwrite_output_dir=True)
 
-    run(1)
-    query_seconds = bench.action_seconds("Compute Pairwise Score")
     bench.clear_refs = reset_peak_memory(bench.device)
-    run(num_train)
+    with training_side(bench.device) as timed:
+        run(num_train)
     total = bench.action_seconds("Compute Pairwise Score")
-    train_seconds = max(total - query_seconds, 1e-9)
     memory = (peak_host_mb(), peak_gpu_mb(bench.device))
-    flops = count_flops(lambda: run(2)) - count_flops(lambda: run(1))
-    return bench.record("scores", score_variant(rank, precision), precision, train_seconds, num_train - 1, flops, memory,
-                        rank=rank, num_queries=bench.num_queries, query_side_seconds=query_seconds, total_seconds=total)
+    with training_side(bench.device, count=True) as counted:
+        run(1)
+    return bench.record("scores", score_variant(rank, precision), precision, timed["seconds"], num_train, counted["flops"], memory,
+                        rank=rank, num_queries=bench.num_queries, query_side_seconds=total - timed["seconds"], total_seconds=total)
 
 
 def score_variant(rank: Optional[int], precision: str) -> str:
@@ -419,13 +447,15 @@ def build_benchmark_model(seed: int) -> nn.Module:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="Device to measure (default: cuda when present, else cpu).")
+    parser.add_argument("--strategy", choices=("ekfac", "identity"), default="ekfac", help="ekfac (default), or identity to measure scoring alone without fitting factors: the training side of scoring costs the same, only the query side is preconditioned.")
     parser.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES), help="Phases to measure (default: all); lambda and scores need the eigendecomposition, which needs the covariance.")
     parser.add_argument("--precisions", nargs="+", choices=PRECISIONS, help="Precisions of the covariance, lambda and score phases (default: both on a GPU; float32 on the CPU, where bfloat16 without CPU bfloat16 instructions is about 50 times slower).")
     parser.add_argument("--ranks", nargs="+", choices=(FULL_RANK_NAME, str(LOW_RANK)), default=[FULL_RANK_NAME, str(LOW_RANK)], help="Query-gradient ranks scored (default: both).")
     parser.add_argument("--num_classes", type=positive_int, default=4, help="Class folders of the generated dataset (default: 4).")
     parser.add_argument("--num_train", type=positive_int, default=24, help="Training images generated; covariance, lambda and scores run on all of them (default: 24).")
     parser.add_argument("--num_queries", type=positive_int, default=4, help="Queries scored against them (default: 4).")
-    parser.add_argument("--loading_images", type=positive_int, default=128, help="Images decoded per data-loading measurement (the folder is cycled) (default: 128).")
+    parser.add_argument("--loading_images", type=positive_int, default=96, help="Images decoded per pass of a data-loading measurement (the folder is cycled) (default: 96).")
+    parser.add_argument("--loading_passes", type=positive_int, default=2, help="Passes of one DataLoader over those images (default: 2).")
     parser.add_argument("--loading_workers", nargs="+", type=non_negative_int, help=f"DataLoader worker counts to measure loading with (default: 0, 1 and the analysis's default, {analyze.default_num_workers()} here).")
     parser.add_argument("--num_workers", type=non_negative_int, default=analyze.default_num_workers(), help=f"DataLoader workers in the compute phases (default: the analysis's, {analyze.default_num_workers()} here).")
     parser.add_argument("--train_batch_size", type=positive_int, default=8, help="Training images per batch in every phase (default: 8).")
@@ -447,12 +477,13 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     if args.precisions is None:
         args.precisions = list(PRECISIONS) if args.device == "cuda" else ["float32"]
     chosen = set(args.phases)
-    if chosen & {"lambda", "scores"} and not {"covariance", "eigendecomposition"} <= chosen:
+    if args.strategy == "identity":
+        if chosen & set(FACTOR_PHASES):
+            parser.error("--strategy identity fits no factors: choose --phases among loading and scores")
+    elif chosen & {"lambda", "scores"} and not {"covariance", "eigendecomposition"} <= chosen:
         parser.error("lambda and scores need the factors: add covariance and eigendecomposition to --phases")
-    if "scores" in chosen and "lambda" not in chosen:
+    elif "scores" in chosen and "lambda" not in chosen:
         parser.error("scores need the lambda factors: add lambda to --phases")
-    if args.num_train < 2:
-        parser.error("--num_train must be at least 2 (the query side is measured against one training image)")
     if args.prefetch_factor is not None and args.num_workers == 0:
         parser.error("--prefetch_factor needs DataLoader workers (--num_workers > 0)")
     return args
@@ -468,7 +499,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 def run(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="benchmark_"))
     settings = analyze.AnalysisSettings(
-        strategy="ekfac", query_batch_size=args.query_batch_size, train_batch_size=args.train_batch_size,
+        strategy=args.strategy, query_batch_size=args.query_batch_size, train_batch_size=args.train_batch_size,
         damping_factor=None, num_workers=args.num_workers, output_dir=str(workdir / "results"), analysis_name="benchmark",
         seed=SEED, profile=True, **analyze.speed_settings(args),
     )
@@ -486,10 +517,11 @@ def run(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
-    jobs = projection(bench, phases)
+    jobs = projection(bench, phases) if settings.strategy == "ekfac" else []  # the seed's jobs are EKFAC
     result = {
         "device": peaks, "tf32": tf32, "settings": {k: v for k, v in dataclasses.asdict(settings).items() if k not in ("output_dir",)},
-        "sizes": {"num_train": args.num_train, "num_queries": args.num_queries, "loading_images": args.loading_images},
+        "sizes": {"num_train": args.num_train, "num_queries": args.num_queries, "loading_images": args.loading_images,
+                  "loading_passes": args.loading_passes},
         "load_average": os.getloadavg(), "python": sys.version.split()[0], "torch": torch.__version__,
         "phases": phases, "projection": jobs,
     }
@@ -504,8 +536,9 @@ def measure_all(bench: Bench, args: argparse.Namespace) -> List[Dict[str, Any]]:
     phases: List[Dict[str, Any]] = []
     chosen = set(args.phases)
     if "loading" in chosen:
+        bench.train[0]  # the first decode loads PIL's JPEG plugin; no worker count should pay for it
         workers = args.loading_workers or sorted({0, 1, analyze.default_num_workers()})
-        phases += [measure_loading(bench, w, args.loading_images) for w in workers]
+        phases += [measure_loading(bench, w, args.loading_images, args.loading_passes) for w in workers]
     if "covariance" in chosen:
         phases += [measure_factor_phase(bench, "covariance", p, args.num_train) for p in args.precisions]
         if "float32" not in args.precisions and "eigendecomposition" in chosen:
@@ -516,6 +549,9 @@ def measure_all(bench: Bench, args: argparse.Namespace) -> List[Dict[str, Any]]:
         # float32 first: the float32 factors are what every score variant loads.
         phases += [measure_factor_phase(bench, "lambda", p, args.num_train) for p in sorted(args.precisions, key=PRECISIONS.index)]
     if "scores" in chosen:
+        if bench.settings.strategy == "identity":  # scores still need kronfluence's record of the (empty) factors
+            bench.analyzer.fit_all_factors(factors_name="bench", dataset=subset(bench.train, 1), per_device_batch_size=1,
+                                           factor_args=factor_args(bench.settings, "float32"), overwrite_output_dir=True)
         ranks = [None if r == FULL_RANK_NAME else int(r) for r in args.ranks]
         phases += [measure_scores(bench, rank, p, args.num_train) for p in args.precisions for rank in ranks]
     return phases
@@ -527,11 +563,13 @@ def report(result: Dict[str, Any]) -> None:
     print(f"peak FLOP/s: float32 {device['float32'] / 1e9:.0f} G, bfloat16 {device['bfloat16'] / 1e9:.0f} G ({device['source']})\n")
     print(phase_table(result["phases"]))
     for job in result["projection"]:
-        seed = job["seed_seconds"]["Total"]
-        total = job["total_seconds"]
+        missing = [action for action, seconds in job["actions_seconds"].items() if seconds is None]
+        if missing:
+            print(f"\nprojected full ImageNet job, {job['job']}: not projected, unmeasured: {', '.join(missing)}")
+            continue
         print(f"\nprojected full ImageNet job, {job['job']} (query batch {job['query_batch_size']}, "
-              f"{job['passes_over_training_set']} pass(es) over the training set): "
-              f"{'n/a' if total is None else f'{total:,.0f} s'}; seed on one A100: {seed:,.0f} s")
+              f"{job['passes_over_training_set']} pass(es) over the training set): {job['total_seconds']:,.0f} s; "
+              f"seed on one A100: {job['seed_seconds']['Total']:,.0f} s")
         print(seed_format_table(job))
 
 

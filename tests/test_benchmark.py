@@ -96,7 +96,7 @@ def test_projection_covers_the_seeds_three_jobs_and_prints_their_tables(tiny_run
     (["--phases", "scores"], "need the factors"),
     (["--phases", "covariance", "eigendecomposition", "scores"], "need the lambda"),
     (["--num_workers", "0", "--prefetch_factor", "2"], "--prefetch_factor needs"),
-    (["--num_train", "1"], "at least 2"),
+    (["--strategy", "identity", "--phases", "covariance"], "fits no factors"),
 ])
 def test_impossible_combinations_are_refused_in_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
