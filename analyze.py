@@ -68,6 +68,7 @@ FACTOR_MAX_EXAMPLES = 100_000  # kronfluence's cap for covariance and lambda fit
 # Share of the device's memory (host memory on the CPU) that gathered query gradients may take when the
 # number of query batches per pass over the training set is chosen automatically.
 QUERY_GRADIENT_MEMORY_FRACTION = 0.4
+CHANNELS_LAST_CHOICES = {"auto": None, "on": True, "off": False}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +87,7 @@ class AnalysisSettings:
     pin_memory: bool = True  # only where there is a GPU to copy to
     persistent_workers: bool = True  # only with workers; keeps them across the passes over the training set
     prefetch_factor: Optional[int] = None  # batches each worker loads ahead (None: torch's default, 2)
-    channels_last: bool = True
+    channels_last: Optional[bool] = None  # None: on GPUs only (measured slower on the CPU, see README)
     tf32: bool = True  # only on GPUs that have TF32
     output_dir: str = naming.DEFAULT_OUTPUT_DIR
     analysis_name: str = naming.DEFAULT_ANALYSIS_NAME
@@ -309,8 +310,8 @@ def discard_torn_files(directory: Path) -> List[Path]:
 def make_analyzer(model: nn.Module, settings: AnalysisSettings) -> Any:
     """kronfluence's Analyzer around the model (wraps its Conv2d/Linear layers in place)."""
 
-    task = ClassificationTask(settings.seed, channels_last=settings.channels_last)
-    if settings.channels_last:
+    task = ClassificationTask(settings.seed, channels_last=uses_channels_last(settings))
+    if uses_channels_last(settings):
         model = model.to(memory_format=torch.channels_last)
     model = prepare_model(model, task)
     if distributed.uses_gloo():
@@ -327,6 +328,12 @@ def make_analyzer(model: nn.Module, settings: AnalysisSettings) -> Any:
     )
     analyzer.set_dataloader_kwargs(dataloader_kwargs(settings))
     return analyzer
+
+
+def uses_channels_last(settings: AnalysisSettings) -> bool:
+    """Channels-last by default on GPUs only: on the CPU kronfluence's covariance pass measured 14% slower
+    with it (README, Performance), although a plain ResNet-50 forward and backward is faster."""
+    return torch.cuda.is_available() if settings.channels_last is None else settings.channels_last
 
 
 def dataloader_kwargs(settings: AnalysisSettings) -> DataLoaderKwargs:
@@ -374,7 +381,7 @@ def fit_factors(
     record = distributed.on_main(
         layout, lambda: claim_results_dir(
             directory, depends_on, settings, "factors",
-            {"factor_batch_size": batch_size, "channels_last": settings.channels_last, **provenance.get("inputs", {})},
+            {"factor_batch_size": batch_size, "channels_last": uses_channels_last(settings), **provenance.get("inputs", {})},
         )
     )
     torch.manual_seed(settings.seed)
@@ -413,7 +420,7 @@ def compute_scores(
         device_memory_bytes(analyzer.state.device), analyzer.state.num_processes,
     )
     score_args = score_arguments(settings, len(query_dataset), steps)
-    resolved = {"query_gradient_accumulation_steps": steps, "channels_last": settings.channels_last, **provenance.get("inputs", {})}
+    resolved = {"query_gradient_accumulation_steps": steps, "channels_last": uses_channels_last(settings), **provenance.get("inputs", {})}
     distributed.on_main(layout, lambda: claim_results_dir(directory, depends_on, settings, "scores", resolved))
     path = directory / naming.PAIRWISE_SCORES_FILE
     if path.is_file():
@@ -525,7 +532,7 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefetch_factor", type=positive_int, help="Batches each DataLoader worker loads ahead (default: torch's, 2); needs --num_workers > 0.")
     parser.add_argument("--no_pin_memory", action="store_true", help="Do not pin host memory for copies to the GPU (pinned by default when a GPU is present).")
     parser.add_argument("--no_persistent_workers", action="store_true", help="Start DataLoader workers again for every pass over the training set (kept alive by default).")
-    parser.add_argument("--no_channels_last", action="store_true", help="Keep the model and images in contiguous NCHW layout (default: channels-last NHWC, faster convolutions; scores equal up to float rounding).")
+    parser.add_argument("--channels_last", choices=CHANNELS_LAST_CHOICES, default="auto", help="Channels-last (NHWC) layout of the model and images: on, off, or auto = on with a GPU, off on the CPU where it measured slower (default: auto; scores equal up to float rounding).")
     parser.add_argument("--no_tf32", action="store_true", help="Full float32 matmuls and convolutions on GPUs that have TF32 (default: TF32 there; no effect on the CPU). Recorded with the results.")
 
 
@@ -535,7 +542,7 @@ def speed_settings(args: argparse.Namespace) -> Dict[str, Any]:
         "pin_memory": not args.no_pin_memory,
         "persistent_workers": not args.no_persistent_workers,
         "prefetch_factor": args.prefetch_factor,
-        "channels_last": not args.no_channels_last,
+        "channels_last": CHANNELS_LAST_CHOICES[args.channels_last],
         "tf32": not args.no_tf32,
     }
 

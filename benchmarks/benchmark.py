@@ -519,7 +519,7 @@ def run(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
             shutil.rmtree(workdir, ignore_errors=True)
     jobs = projection(bench, phases) if settings.strategy == "ekfac" else []  # the seed's jobs are EKFAC
     result = {
-        "device": peaks, "tf32": tf32, "settings": {k: v for k, v in dataclasses.asdict(settings).items() if k not in ("output_dir",)},
+        "device": peaks, "tf32": tf32, "channels_last": analyze.uses_channels_last(settings), "settings": {k: v for k, v in dataclasses.asdict(settings).items() if k not in ("output_dir",)},
         "sizes": {"num_train": args.num_train, "num_queries": args.num_queries, "loading_images": args.loading_images,
                   "loading_passes": args.loading_passes},
         "load_average": os.getloadavg(), "python": sys.version.split()[0], "torch": torch.__version__,

@@ -21,9 +21,10 @@ GIB = 1024**3
 def test_flags_turn_each_setting_off(tmp_path):
     common = ["--dataset_dir", str(tmp_path)]
     defaults = analyze.settings_from_args(analyze.parse_args(common))
-    assert (defaults.channels_last, defaults.tf32, defaults.pin_memory, defaults.persistent_workers) == (True, True, True, True)
+    assert (defaults.channels_last, defaults.tf32, defaults.pin_memory, defaults.persistent_workers) == (None, True, True, True)
+    assert analyze.uses_channels_last(defaults) == torch.cuda.is_available()  # measured slower on the CPU
     off = analyze.settings_from_args(analyze.parse_args(
-        [*common, "--no_channels_last", "--no_tf32", "--no_pin_memory", "--no_persistent_workers", "--num_workers", "3", "--prefetch_factor", "5"]))
+        [*common, "--channels_last", "off", "--no_tf32", "--no_pin_memory", "--no_persistent_workers", "--num_workers", "3", "--prefetch_factor", "5"]))
     assert (off.channels_last, off.tf32, off.pin_memory, off.persistent_workers, off.prefetch_factor) == (False, False, False, False, 5)
 
 
