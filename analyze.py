@@ -75,10 +75,15 @@ FACTOR_MAX_EXAMPLES = 100_000  # kronfluence's cap for covariance and lambda fit
 # minutes of upstream's 11-hour full-rank A100 run); each partition recomputes the query gradients, which
 # costs about num_queries / SCORE_PARTITION_EXAMPLES (2%) more at full rank.
 SCORE_PARTITION_EXAMPLES = 50_000
-# kronfluence's file name for the score arguments it saves.
+# kronfluence's file name for the score arguments it saves, and the arguments that do not change scores.
 KRONFLUENCE_SCORE_ARGUMENTS_FILE = f"{SCORE_ARGUMENTS_NAME}_arguments.json"
+RESULT_NEUTRAL_SCORE_ARGUMENTS = {"query_gradient_accumulation_steps": None}
 # Write errors a user fixes by freeing space (or raising a quota or file-size limit), then resuming.
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+# Share of the device's memory (host memory on the CPU) that gathered query gradients may take when the
+# number of query batches per pass over the training set is chosen automatically.
+QUERY_GRADIENT_MEMORY_FRACTION = 0.4
+CHANNELS_LAST_CHOICES = {"auto": None, "on": True, "off": False}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +99,11 @@ class AnalysisSettings:
     use_half_precision: bool = False
     damping_factor: Optional[float] = SEED_DEFAULTS["damping_factor"]
     num_workers: int = 0
+    pin_memory: bool = True  # only where there is a GPU to copy to
+    persistent_workers: bool = True  # only with workers; keeps them across the passes over the training set
+    prefetch_factor: Optional[int] = None  # batches each worker loads ahead (None: torch's default, 2)
+    channels_last: Optional[bool] = None  # None: on GPUs only (measured slower on the CPU, see README)
+    tf32: bool = True  # only on GPUs that have TF32
     output_dir: str = naming.DEFAULT_OUTPUT_DIR
     analysis_name: str = naming.DEFAULT_ANALYSIS_NAME
     seed: int = 0
@@ -137,12 +147,19 @@ class ClassificationTask(Task):
     Tracked layers: every Conv2d and Linear (kronfluence's choice when no list is given).
     """
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, channels_last: bool = False) -> None:
         self.seed = seed
+        self.channels_last = channels_last
+
+    def _layout(self, images: torch.Tensor) -> torch.Tensor:
+        """NHWC images for a channels-last model: convolutions then need no layout conversions."""
+        if self.channels_last and images.dim() == 4:
+            return images.contiguous(memory_format=torch.channels_last)
+        return images
 
     def compute_train_loss(self, batch: Any, model: nn.Module, sample: bool = False) -> torch.Tensor:
         images, labels, indices = batch
-        logits = model(images)
+        logits = model(self._layout(images))
         if sample:
             with torch.no_grad():
                 labels = sample_labels(logits, indices, self.seed)
@@ -150,7 +167,7 @@ class ClassificationTask(Task):
 
     def compute_measurement(self, batch: Any, model: nn.Module) -> torch.Tensor:
         images, labels, _ = batch
-        logits = model(images)
+        logits = model(self._layout(images))
         rows = torch.arange(logits.shape[0], device=logits.device)
         correct = logits[rows, labels]
         others = logits.clone()
@@ -167,15 +184,42 @@ def factor_arguments(settings: AnalysisSettings) -> FactorArguments:
     return FactorArguments(strategy=settings.strategy)
 
 
-def accumulation_steps(settings: AnalysisSettings, num_queries: int) -> int:
-    """Query batches gathered before each pass over the training set. Low-rank query gradients are small,
-    so by default all queries are gathered and the training set is read once; full-rank ones are 100 MB
-    per query for ResNet-50, so by default each query batch gets its own pass (as in the seed)."""
+def query_gradient_bytes(model: nn.Module, rank: Optional[int], itemsize: int) -> int:
+    """Bytes one query's preconditioned gradient takes: per tracked layer, out x in (+1 for a bias) at full
+    rank, or rank x (out + in) for a low-rank one (kronfluence keeps a layer full where that is smaller).
+    About 100 MB per query in float32 for ResNet-50 at full rank."""
+    total = 0
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            rows = module.weight.shape[0]
+            columns = module.weight[0].numel() + (1 if module.bias is not None else 0)
+            total += rows * columns if rank is None else min(rows * columns, rank * (rows + columns))
+    return total * itemsize
+
+
+def device_memory_bytes(device: torch.device) -> int:
+    """Memory of the device the scores are computed on: the GPU's total, or the host's available memory."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    with open("/proc/meminfo") as handle:
+        for line in handle:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def accumulation_steps(settings: AnalysisSettings, num_queries: int, query_bytes: int, memory_bytes: int, num_processes: int = 1) -> int:
+    """Query batches gathered before each pass over the training set: as many as fit in
+    QUERY_GRADIENT_MEMORY_FRACTION of `memory_bytes` (each query takes `query_bytes`; every process holds
+    all gathered queries), all of them if they fit, so that the training set is read as few times as
+    possible. Each pass recomputes every training gradient, so at full rank this is the largest saving
+    available; scores are the same either way (each query's score is computed independently)."""
     if settings.query_gradient_accumulation_steps is not None:
         return settings.query_gradient_accumulation_steps
-    if settings.query_gradient_rank is None:
-        return 1
-    return max(1, math.ceil(num_queries / settings.query_batch_size))
+    queries_per_step = settings.query_batch_size * num_processes
+    all_steps = max(1, math.ceil(num_queries / queries_per_step))
+    fitting_queries = int(memory_bytes * QUERY_GRADIENT_MEMORY_FRACTION) // max(1, query_bytes)
+    return max(1, min(all_steps, fitting_queries // queries_per_step))
 
 
 def score_partitions(settings: AnalysisSettings, num_train: int) -> int:
@@ -185,7 +229,25 @@ def score_partitions(settings: AnalysisSettings, num_train: int) -> int:
     return max(1, math.ceil(num_train / SCORE_PARTITION_EXAMPLES))
 
 
-def score_arguments(settings: AnalysisSettings, num_queries: int, partitions: int = 1) -> ScoreArguments:
+def set_tf32(enabled: bool) -> bool:
+    """TF32 matmuls and convolutions (10-bit mantissa, float32 range) where the GPU has them; returns
+    whether they are now in use. Set through torch's fp32_precision switches, not the legacy allow_tf32
+    flags (torch refuses a mix of the two)."""
+    available = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
+    precision = "tf32" if enabled and available else "ieee"
+    torch.backends.cuda.matmul.fp32_precision = precision
+    torch.backends.cudnn.conv.fp32_precision = precision
+    return precision == "tf32"
+
+
+def precision_record() -> Dict[str, str]:
+    """For `depends_on`: TF32 changes factors and scores at the 1e-3 relative level, so results computed
+    with it are never mixed with float32 ones. Recorded only while in use, so that float32 results (on
+    any CPU, or written before the setting existed) keep matching each other."""
+    return {"matmul_precision": "tf32"} if torch.backends.cuda.matmul.fp32_precision == "tf32" else {}
+
+
+def score_arguments(settings: AnalysisSettings, steps: int = 1, partitions: int = 1) -> ScoreArguments:
     if settings.use_half_precision:
         score_args = all_low_precision_score_arguments(
             damping_factor=settings.damping_factor,
@@ -196,7 +258,7 @@ def score_arguments(settings: AnalysisSettings, num_queries: int, partitions: in
         score_args = ScoreArguments(
             damping_factor=settings.damping_factor, query_gradient_low_rank=settings.query_gradient_rank
         )
-    score_args.query_gradient_accumulation_steps = accumulation_steps(settings, num_queries)
+    score_args.query_gradient_accumulation_steps = steps
     score_args.data_partitions = partitions
     return score_args
 
@@ -279,7 +341,9 @@ def discard_torn_files(directory: Path) -> List[Path]:
 def make_analyzer(model: nn.Module, settings: AnalysisSettings) -> Any:
     """kronfluence's Analyzer around the model (wraps its Conv2d/Linear layers in place)."""
 
-    task = ClassificationTask(settings.seed)
+    task = ClassificationTask(settings.seed, channels_last=uses_channels_last(settings))
+    if uses_channels_last(settings):
+        model = model.to(memory_format=torch.channels_last)
     model = prepare_model(model, task)
     if distributed.uses_gloo():
         import kronfluence_gloo_shim  # pylint: disable=import-outside-toplevel
@@ -295,10 +359,27 @@ def make_analyzer(model: nn.Module, settings: AnalysisSettings) -> Any:
         log_level=logging.WARNING,
     )
     logging.getLogger().setLevel(root_level)  # kronfluence sets the root logger's level too, hiding ours
-    analyzer.set_dataloader_kwargs(
-        DataLoaderKwargs(num_workers=settings.num_workers, pin_memory=torch.cuda.is_available())
-    )
+    analyzer.set_dataloader_kwargs(dataloader_kwargs(settings))
     return analyzer
+
+
+def uses_channels_last(settings: AnalysisSettings) -> bool:
+    """Channels-last by default on GPUs only: on the CPU kronfluence's covariance pass measured 14% slower
+    with it (README, Performance), although a plain ResNet-50 forward and backward is faster."""
+    return torch.cuda.is_available() if settings.channels_last is None else settings.channels_last
+
+
+def dataloader_kwargs(settings: AnalysisSettings) -> DataLoaderKwargs:
+    """Pinned memory only where there is a GPU to copy to; persistent workers and prefetching only with
+    workers (torch refuses them without). Workers persist across the passes over the training set that
+    full-rank scoring makes, instead of being started again for each pass."""
+    workers = settings.num_workers > 0
+    return DataLoaderKwargs(
+        num_workers=settings.num_workers,
+        pin_memory=settings.pin_memory and torch.cuda.is_available(),
+        persistent_workers=settings.persistent_workers and workers,
+        prefetch_factor=settings.prefetch_factor if workers else None,
+    )
 
 
 def factor_batch_size(settings: AnalysisSettings, analyzer: Any) -> Optional[int]:
@@ -326,12 +407,14 @@ def fit_factors(
         "use_half_precision": settings.use_half_precision,
         "seed": settings.seed,
         "factor_examples": len(fit_dataset),
+        **precision_record(),
         **provenance["train"],
     }
     batch_size = factor_batch_size(settings, analyzer)
     record = distributed.on_main(
         layout, lambda: claim_results_dir(
-            directory, depends_on, settings, "factors", {"factor_batch_size": batch_size, **provenance.get("inputs", {})}
+            directory, depends_on, settings, "factors",
+            {"factor_batch_size": batch_size, "channels_last": uses_channels_last(settings), **provenance.get("inputs", {})},
         )
     )
     torch.manual_seed(settings.seed)
@@ -361,13 +444,20 @@ def compute_scores(
         "query_gradient_rank": settings.query_gradient_rank,
         "damping_factor": settings.damping_factor,
         "use_half_precision": settings.use_half_precision,
+        **precision_record(),
         **provenance["query"],
     }
+    itemsize = torch.finfo(HALF_DTYPE if settings.use_half_precision else torch.float32).bits // 8
+    steps = accumulation_steps(
+        settings, len(query_dataset), query_gradient_bytes(analyzer.model, settings.query_gradient_rank, itemsize),
+        device_memory_bytes(analyzer.state.device), analyzer.state.num_processes,
+    )
     partitions = score_partitions(settings, len(train_dataset))
-    score_args = score_arguments(settings, len(query_dataset), partitions)
+    score_args = score_arguments(settings, steps, partitions)
     resolved = {
-        "query_gradient_accumulation_steps": score_args.query_gradient_accumulation_steps,
+        "query_gradient_accumulation_steps": steps,
         "score_partitions": partitions,
+        "channels_last": uses_channels_last(settings),
         **provenance.get("inputs", {}),
     }
     distributed.on_main(layout, lambda: claim_results_dir(directory, depends_on, settings, "scores", resolved))
@@ -488,7 +578,15 @@ def discard_other_partitioning(directory: Path, files: ScoreFiles, score_args: S
     arguments; partitions made with others (another partition count, say) cannot be joined with new ones,
     so they are removed, as are kronfluence's saved arguments, which it would otherwise refuse to replace."""
     saved_path = directory / KRONFLUENCE_SCORE_ARGUMENTS_FILE
-    if not saved_path.is_file() or json.loads(saved_path.read_text()) == score_args.to_dict():
+    if not saved_path.is_file():
+        return
+    saved, current = json.loads(saved_path.read_text()), score_args.to_dict()
+    if saved == current:
+        return
+    if {**saved, **RESULT_NEUTRAL_SCORE_ARGUMENTS} == {**current, **RESULT_NEUTRAL_SCORE_ARGUMENTS}:
+        # Only how queries are batched per pass changed (it follows the memory free at start): finished
+        # partitions hold the same scores, so they are kept and kronfluence is shown the new arguments.
+        _write_json_atomically(saved_path, current)
         return
     stale = sorted(directory.glob(files.partition_glob))
     logger.warning("discarding %d partial score files of an interrupted run with other score arguments", len(stale))
@@ -581,6 +679,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--use_half_precision", action="store_true", help="bfloat16 factors and scores (names get _half).")
     parser.add_argument("--damping_factor", type=_damping, default=argparse.SUPPRESS, help=f"Damping added to the Hessian approximation: a number, or '{HEURISTIC_DAMPING}' for 0.1 x mean eigenvalue (default: 1e-8; demo: heuristic).")
     parser.add_argument("--num_workers", type=non_negative_int, help=f"DataLoader worker processes (default: CPU count, at most {MAX_DEFAULT_WORKERS}; demo 0).")
+    add_speed_arguments(parser)
     parser.add_argument("--output_dir", type=Path, default=Path(naming.DEFAULT_OUTPUT_DIR), help="Where results go (default: influence_results).")
     parser.add_argument("--analysis_name", help="Sub-folder of --output_dir for this model and data (default: imagenet; demo: demo).")
     parser.add_argument("--weights", choices=pipeline.weight_choices(), help=f"torchvision ResNet50_Weights to load, or 'none' for random init (default: {pipeline.DEFAULT_WEIGHTS}; demo: that if cached, else none).")
@@ -593,6 +692,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--self_influence", action="store_true", help=f"Compute self-influence scores of every training image with the same factors (scores_STRATEGY[_half]{naming.SELF_SUFFIX}/{naming.SELF_SCORES_FILE}) INSTEAD of pairwise scores; run without it for pairwise scores (finished factors are reused either way). Not under torchrun on CPUs.")
     parser.add_argument("--dist_timeout", type=positive_int, default=distributed.DEFAULT_TIMEOUT_S, help=f"Under torchrun: seconds a rank waits for the others in a collective before it fails (default: {distributed.DEFAULT_TIMEOUT_S}).")
     return parser
+
+
+def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
+    """The speed settings, shared with benchmarks/benchmark.py; each is on by default and a flag turns it off."""
+    parser.add_argument("--prefetch_factor", type=positive_int, help="Batches each DataLoader worker loads ahead (default: torch's, 2); needs --num_workers > 0.")
+    parser.add_argument("--no_pin_memory", action="store_true", help="Do not pin host memory for copies to the GPU (pinned by default when a GPU is present).")
+    parser.add_argument("--no_persistent_workers", action="store_true", help="Start DataLoader workers again for every pass over the training set (kept alive by default).")
+    parser.add_argument("--channels_last", choices=CHANNELS_LAST_CHOICES, default="auto", help="Channels-last (NHWC) layout of the model and images: on, off, or auto = on with a GPU, off on the CPU where it measured slower (default: auto; scores equal up to float rounding).")
+    parser.add_argument("--no_tf32", action="store_true", help="Full float32 matmuls and convolutions on GPUs that have TF32 (default: TF32 there; no effect on the CPU). Recorded with the results.")
+
+
+def speed_settings(args: argparse.Namespace) -> Dict[str, Any]:
+    """AnalysisSettings fields from the flags of `add_speed_arguments`."""
+    return {
+        "pin_memory": not args.no_pin_memory,
+        "persistent_workers": not args.no_persistent_workers,
+        "prefetch_factor": args.prefetch_factor,
+        "channels_last": CHANNELS_LAST_CHOICES[args.channels_last],
+        "tf32": not args.no_tf32,
+    }
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -617,8 +736,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         if getattr(args, key, None) is None and (key != "damping_factor" or not hasattr(args, key)):
             setattr(args, key, value)
     if args.num_workers is None:
-        args.num_workers = 0 if args.demo else min(MAX_DEFAULT_WORKERS, os.cpu_count() or 1)
+        args.num_workers = 0 if args.demo else default_num_workers()
+    if args.prefetch_factor is not None and args.num_workers == 0:
+        parser.error("--prefetch_factor needs DataLoader workers (--num_workers > 0)")
     return args
+
+
+def default_num_workers() -> int:
+    """One DataLoader worker per CPU core, at most MAX_DEFAULT_WORKERS."""
+    return min(MAX_DEFAULT_WORKERS, os.cpu_count() or 1)
 
 
 def settings_from_args(args: argparse.Namespace) -> AnalysisSettings:
@@ -632,6 +758,7 @@ def settings_from_args(args: argparse.Namespace) -> AnalysisSettings:
         use_half_precision=args.use_half_precision,
         damping_factor=args.damping_factor,
         num_workers=args.num_workers,
+        **speed_settings(args),
         output_dir=str(args.output_dir),
         analysis_name=args.analysis_name,
         seed=args.seed,
@@ -653,6 +780,7 @@ def run(args: argparse.Namespace, layout: distributed.Layout) -> Dict[str, Path]
     """Builds everything, runs the analysis; returns the score files, keyed by scores name."""
     settings = settings_from_args(args)
     _check_output_dir(Path(settings.output_dir))
+    set_tf32(settings.tf32)
     if args.checkpoint is not None:
         pipeline.check_checkpoint_path(args.checkpoint)
     if args.self_influence and layout.distributed and not torch.cuda.is_available():

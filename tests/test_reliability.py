@@ -141,6 +141,18 @@ def test_rerun_with_other_partitioning_discards_unjoined_partitions(dataset, uni
     assert torch.equal(_scores(naming.pairwise_scores_path(tmp_path, "imagenet", "ekfac")), uninterrupted["ekfac"])
 
 
+def test_rerun_with_other_query_batches_per_pass_keeps_finished_partitions(dataset, uninterrupted, tmp_path):
+    """The automatic number of query batches per pass follows the memory free at start, so a resumed run
+    may gather them differently; its finished partitions are still the same scores and are kept."""
+    argv = _command(dataset, tmp_path, "--query_batch_size", "1", "--query_gradient_accumulation_steps", "1")
+    assert _run(argv, "scores:5").returncode == -signal.SIGKILL  # the first batch of the second partition
+    resumed = _run([*argv[:-1], "2"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"reusing finished partition 1 of {PARTITIONS}" in resumed.stderr and "discarding" not in resumed.stderr
+    scores = _scores(naming.pairwise_scores_path(tmp_path, "imagenet", "ekfac"))
+    torch.testing.assert_close(scores, uninterrupted["ekfac"], rtol=1e-5, atol=0)
+
+
 # ------------------------------------------------------------------------------ changed inputs
 
 

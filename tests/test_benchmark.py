@@ -1,0 +1,116 @@
+"""benchmarks/benchmark.py on a tiny run: a small CNN in place of ResNet-50 (the phases, their JSON and the
+projection do not depend on the model), a handful of generated ImageNet-sized JPEGs, the CPU."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import benchmarks.benchmark as benchmark
+
+REQUIRED_KEYS = ("phase", "device", "examples_per_s", "peak_host_mb", "flops_per_example", "peak_share")
+
+
+def _tiny_model(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, kernel_size=7, stride=16, padding=3), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 4)
+    ).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(benchmark, "build_benchmark_model", _tiny_model)
+    out = tmp_path_factory.mktemp("benchmark") / "bench.json"
+    try:
+        result = benchmark.main([
+            "--device", "cpu", "--num_classes", "2", "--num_train", "4", "--num_queries", "2",
+            "--query_batch_size", "1", "--train_batch_size", "2", "--loading_images", "6",
+            "--loading_workers", "0", "1", "--num_workers", "0", "--precisions", "float32", "bfloat16",
+            "--json", str(out),
+        ])
+    finally:
+        monkeypatch.undo()
+    return result, json.loads(out.read_text())
+
+
+def test_json_has_every_phase_with_positive_rates_memory_and_flop_share(tiny_run):
+    _, saved = tiny_run
+    phases = saved["phases"]
+    assert {p["phase"] for p in phases} == set(benchmark.PHASES)
+    for phase in phases:
+        assert all(key in phase for key in REQUIRED_KEYS), phase
+        assert phase["device"].startswith("CPU") and phase["peak_host_mb"] > 0 and phase["seconds"] > 0
+        if phase["phase"] == "eigendecomposition":
+            assert phase["examples_per_s"] is None  # a per-model cost, not a per-example one
+            continue
+        assert phase["examples_per_s"] > 0
+        if phase["phase"] != "loading":
+            assert phase["flops_per_example"] > 0 and 0 < phase["peak_share"]
+    assert [p["num_workers"] for p in phases if p["phase"] == "loading"] == [0, 1]
+    assert {p["variant"] for p in phases if p["phase"] == "scores"} == {
+        "full rank, float32", "rank 32, float32", "full rank, bfloat16", "rank 32, bfloat16"}
+    assert {p["variant"] for p in phases if p["phase"] in ("covariance", "lambda")} == {"float32", "bfloat16"}
+
+
+def test_covariance_flops_are_the_forward_the_output_gradients_and_the_covariance_products(tiny_run):
+    """Computed independently: kronfluence's covariance pass needs the forward, the gradients of each
+    layer's output (no weight gradients) and, per layer, A^T A of the unfolded inputs (with a bias column)
+    and G^T G of the output gradients, over every spatial position."""
+    _, saved = tiny_run
+    model = _tiny_model(0)
+    images = torch.randn(1, 3, 224, 224, requires_grad=True)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    with benchmark.FlopCounterMode(display=False) as counter:
+        model(images).sum().backward()
+    positions = 14 * 14  # the conv's output map: 224 / stride 16
+    covariances = 2 * positions * ((3 * 7 * 7 + 1) ** 2 + 4**2) + 2 * ((16 + 1) ** 2 + 4**2)
+    # The counted backward also includes the gradient of the input images, which kronfluence does not need.
+    input_gradient = 2 * positions * 4 * 3 * 7 * 7
+    expected = counter.get_total_flops() - input_gradient + covariances
+    covariance = next(p for p in saved["phases"] if p["phase"] == "covariance" and p["variant"] == "float32")
+    assert covariance["flops_per_example"] == expected
+    # The achieved rate is the counted FLOPs times the measured rate, and the share divides it by the peak.
+    assert covariance["peak_share"] == pytest.approx(covariance["flops_per_example"] * covariance["examples_per_s"] / covariance["peak_flops_per_s"])
+
+
+def test_projection_covers_the_seeds_three_jobs_and_prints_their_tables(tiny_run, capsys):
+    result, saved = tiny_run
+    assert [job["job"] for job in saved["projection"]] == list(benchmark.SEED_JOBS)
+    for job in saved["projection"]:
+        assert job["total_seconds"] > 0 and job["passes_over_training_set"] >= 1
+        assert job["total_seconds"] == pytest.approx(sum(job["actions_seconds"].values()))
+    full = saved["projection"][0]
+    assert set(full["actions_seconds"]) == {"Fit Covariance", "Perform Eigendecomposition", "Fit Lambda", "Compute Pairwise Score"}
+    table = benchmark.seed_format_table(full)
+    assert "Compute Pairwise Score" in table and "Total" in table
+    assert result["phases"] == saved["phases"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--phases", "scores"], "need the factors"),
+    (["--phases", "covariance", "eigendecomposition", "scores"], "need the lambda"),
+    (["--num_workers", "0", "--prefetch_factor", "2"], "--prefetch_factor needs"),
+    (["--strategy", "identity", "--phases", "covariance"], "fits no factors"),
+])
+def test_impossible_combinations_are_refused_in_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.parse_args(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_synthetic_folder_has_imagenet_layout_and_sizes(tmp_path):
+    root = benchmark.make_synthetic_imagenet(tmp_path, num_classes=2, train_per_class=4, val_per_class=1)
+    train = sorted((root / "train").glob("n*/*.JPEG"))
+    assert len(train) == 8 and len(list((root / "val").glob("n*/*.JPEG"))) == 2
+    from PIL import Image
+
+    sizes = {Image.open(path).size for path in train}
+    assert len(sizes) > 1 and sizes <= set(benchmark.IMAGENET_SIZES)
+    assert min(path.stat().st_size for path in train) > 20_000  # photo-like JPEGs, not flat colour
