@@ -198,14 +198,12 @@ def query_gradient_bytes(model: nn.Module, rank: Optional[int], itemsize: int) -
 
 
 def device_memory_bytes(device: torch.device) -> int:
-    """Memory of the device the scores are computed on: the GPU's total, or the host's available memory."""
+    """Memory of the device the scores are computed on: the GPU's or the host's total. Totals, not what is
+    free at start, so that a rerun on the same machine batches queries the same way (low-rank scores
+    depend on it, see `query_batching_record`)."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
-    with open("/proc/meminfo") as handle:
-        for line in handle:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def accumulation_steps(settings: AnalysisSettings, num_queries: int, query_bytes: int, memory_bytes: int, num_processes: int = 1) -> int:
@@ -213,7 +211,8 @@ def accumulation_steps(settings: AnalysisSettings, num_queries: int, query_bytes
     QUERY_GRADIENT_MEMORY_FRACTION of `memory_bytes` (each query takes `query_bytes`; every process holds
     all gathered queries), all of them if they fit, so that the training set is read as few times as
     possible. Each pass recomputes every training gradient, so at full rank this is the largest saving
-    available; scores are the same either way (each query's score is computed independently)."""
+    available. Full-rank scores are the same either way (each query's score is computed independently);
+    low-rank ones are not (see `query_batching_record`)."""
     if settings.query_gradient_accumulation_steps is not None:
         return settings.query_gradient_accumulation_steps
     queries_per_step = settings.query_batch_size * num_processes
@@ -289,7 +288,12 @@ def claim_results_dir(
     """
     record_path = directory / naming.RUN_CONFIG_FILE
     if record_path.is_file():
-        record = json.loads(record_path.read_text())
+        try:
+            record = json.loads(record_path.read_text())
+        except ValueError:
+            if not settings.overwrite:
+                raise UserError(f"{record_path} cannot be read; pass --overwrite to recompute the {what} in {directory}") from None
+            record = {}
         changes = _differences(record.get("depends_on", {}), depends_on)
         if not changes:
             discard_torn_files(directory)
@@ -439,12 +443,8 @@ def compute_scores(
     """Computes (or reuses) the pairwise scores; returns the path of the score file."""
     directory = analyzer.scores_output_dir(settings.scores_name)
     depends_on = {
-        "factors_name": settings.factors_name,
-        "factors_id": factors_record["id"],
+        **scores_depends_on(settings, factors_record),
         "query_gradient_rank": settings.query_gradient_rank,
-        "damping_factor": settings.damping_factor,
-        "use_half_precision": settings.use_half_precision,
-        **precision_record(),
         **provenance["query"],
     }
     itemsize = torch.finfo(HALF_DTYPE if settings.use_half_precision else torch.float32).bits // 8
@@ -452,6 +452,7 @@ def compute_scores(
         settings, len(query_dataset), query_gradient_bytes(analyzer.model, settings.query_gradient_rank, itemsize),
         device_memory_bytes(analyzer.state.device), analyzer.state.num_processes,
     )
+    depends_on.update(query_batching_record(settings, steps, analyzer.state.num_processes))
     partitions = score_partitions(settings, len(train_dataset))
     score_args = score_arguments(settings, steps, partitions)
     resolved = {
@@ -480,6 +481,27 @@ def compute_scores(
     )
 
 
+def query_batching_record(settings: AnalysisSettings, steps: int, num_processes: int) -> Dict[str, Any]:
+    """For low-rank scores' `depends_on`: the randomised SVD draws one projection per layer per query batch
+    from the global generator, and DataLoader iterators draw from it too, so which queries share a
+    projection follows the batch size and process count, and the draws follow the batches per pass."""
+    if settings.query_gradient_rank is None:
+        return {}
+    return {"query_batch_size": settings.query_batch_size, "processes": num_processes, "query_batches_per_pass": steps}
+
+
+def scores_depends_on(settings: AnalysisSettings, factors_record: Dict[str, Any]) -> Dict[str, Any]:
+    """What pairwise and self-influence scores alike depend on besides their data: the factors they were
+    computed with, the damping and the arithmetic."""
+    return {
+        "factors_name": settings.factors_name,
+        "factors_id": factors_record["id"],
+        "damping_factor": settings.damping_factor,
+        "use_half_precision": settings.use_half_precision,
+        **precision_record(),
+    }
+
+
 def compute_self_scores(
     analyzer: Any,
     train_dataset: data.Dataset,
@@ -492,16 +514,15 @@ def compute_self_scores(
     kronfluence's self scores, the training loss's gradient preconditioned and dotted with itself (always
     full rank); returns the path of the score file (a vector of length num_train)."""
     directory = analyzer.scores_output_dir(settings.self_scores_name)
-    depends_on = {
-        "factors_name": settings.factors_name,
-        "factors_id": factors_record["id"],
-        "damping_factor": settings.damping_factor,
-        "use_half_precision": settings.use_half_precision,
-        **provenance["train"],
-    }
+    depends_on = {**scores_depends_on(settings, factors_record), **provenance["train"]}
     partitions = score_partitions(settings, len(train_dataset))
+    resolved = {
+        "self_influence": True,
+        "score_partitions": partitions,
+        "channels_last": uses_channels_last(settings),
+        **provenance.get("inputs", {}),
+    }
     score_args = score_arguments(dataclasses.replace(settings, query_gradient_rank=None), 1, partitions)
-    resolved = {"self_influence": True, "score_partitions": partitions, **provenance.get("inputs", {})}
     distributed.on_main(layout, lambda: claim_results_dir(directory, depends_on, settings, "self-influence scores", resolved))
 
     def compute(targets: Optional[List[int]]) -> None:
@@ -565,11 +586,15 @@ def compute_in_partitions(
         torch.manual_seed(seed)
         compute([partition] if partitions > 1 else None)
     if partitions > 1:
-        # kronfluence joins the partitions after computing the last one; a run that crashed after the
-        # last partition but before or while joining them joins them now.
-        if not path.is_file() and layout.is_main:
-            aggregate()
-        distributed.on_main(layout, lambda: remove_partition_files(directory, files))
+
+        def join() -> None:
+            # kronfluence joins the partitions after computing the last one; a run that crashed after the
+            # last partition but before or while joining them joins them now.
+            if not path.is_file():
+                aggregate()
+            remove_partition_files(directory, files)
+
+        distributed.on_main(layout, join)
     return path
 
 
@@ -583,9 +608,12 @@ def discard_other_partitioning(directory: Path, files: ScoreFiles, score_args: S
     saved, current = json.loads(saved_path.read_text()), score_args.to_dict()
     if saved == current:
         return
-    if {**saved, **RESULT_NEUTRAL_SCORE_ARGUMENTS} == {**current, **RESULT_NEUTRAL_SCORE_ARGUMENTS}:
-        # Only how queries are batched per pass changed (it follows the memory free at start): finished
-        # partitions hold the same scores, so they are kept and kronfluence is shown the new arguments.
+    if score_args.query_gradient_low_rank is None and (
+        {**saved, **RESULT_NEUTRAL_SCORE_ARGUMENTS} == {**current, **RESULT_NEUTRAL_SCORE_ARGUMENTS}
+    ):
+        # Only how full-rank queries are batched per pass changed (--query_gradient_accumulation_steps):
+        # finished partitions hold the same scores, so they are kept and kronfluence is shown the new
+        # arguments. Low-rank scores depend on it, so their partitions are discarded.
         _write_json_atomically(saved_path, current)
         return
     stale = sorted(directory.glob(files.partition_glob))
@@ -911,8 +939,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Path]:
                 if filename is not None and results.resolve() not in Path(filename).resolve().parents:
                     raise UserError(f"cannot access {filename} ({reason})") from None
                 if layout.is_main and results.is_dir():
-                    for directory in [path for path in results.iterdir() if path.is_dir()]:
-                        discard_torn_files(directory)
+                    try:
+                        for directory in [path for path in results.iterdir() if path.is_dir()]:
+                            discard_torn_files(directory)
+                    except OSError:  # an unwritable folder: the rerun's check finds what is left
+                        pass
                 raise UserError(
                     f"cannot write results under {results} ({reason}); free space or fix the folder, then run "
                     "the same command again: finished results are kept, the unfinished file was removed"

@@ -71,17 +71,21 @@ def on_main(layout: Layout, step: Callable[[], Any]) -> Any:
     """Runs `step` on rank 0 only; every rank returns its result, or raises its `UserError`."""
     result: Optional[Any] = None
     error: Optional[str] = None
+    failure: Optional[BaseException] = None
     if layout.is_main:
         try:
             result = step()
-        except UserError as caught:
+        except BaseException as caught:  # the other ranks must hear of any failure, not wait for a timeout
             if not layout.distributed:
                 raise
-            error = str(caught)
+            failure = caught
+            error = str(caught) if isinstance(caught, UserError) else f"rank 0 failed ({type(caught).__name__}: {caught})"
     if layout.distributed:
         payload = [result, error]
         dist.broadcast_object_list(payload, src=0)
         result, error = payload
+    if failure is not None:
+        raise failure
     if error is not None:
         raise UserError(error)
     return result

@@ -249,7 +249,11 @@ def samples_fingerprint(dataset: data.Dataset) -> str:
     prefix = len(os.path.join(base_image_folder(dataset).root, ""))  # string slicing: ImageNet has 1.28M files
     for position in range(len(dataset)):
         path, label = example_path(dataset, position)
-        digest.update(f"{path[prefix:]}\t{label}\t{os.path.getsize(path)}\n".encode())
+        try:
+            size = os.path.getsize(path)
+        except OSError as error:
+            raise UserError(f"cannot read {path} ({error.strerror}); did the dataset change during the run?") from None
+        digest.update(f"{path[prefix:]}\t{label}\t{size}\n".encode())
     return digest.hexdigest()
 
 

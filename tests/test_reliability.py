@@ -111,6 +111,10 @@ def test_run_killed_in_every_phase_resumes_to_the_same_scores(dataset, uninterru
 def test_low_rank_run_killed_while_scoring_resumes_to_the_same_scores(dataset, uninterrupted, tmp_path):
     argv = _command(dataset, tmp_path, "--query_gradient_rank", "2")
     assert _run(argv, "scores:5").returncode == -signal.SIGKILL  # in the third partition
+    # Low-rank scores follow the query batching (the randomised SVD draws one projection per batch), so
+    # finished partitions are not mixed with ones computed in other batches.
+    rebatched = _run([*argv, "--query_batch_size", "1"])
+    assert rebatched.returncode == 2 and "query_batch_size 2 -> 1" in rebatched.stderr, rebatched.stderr[-2000:]
     resumed = _run(argv)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "reusing finished partition 2 of 3" in resumed.stderr
