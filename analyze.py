@@ -84,6 +84,11 @@ DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 # number of query batches per pass over the training set is chosen automatically.
 QUERY_GRADIENT_MEMORY_FRACTION = 0.4
 CHANNELS_LAST_CHOICES = {"auto": None, "on": True, "off": False}
+# Which float32 ops run in TF32 on GPUs that have it. benchmarks/tf32_accuracy.py (README, Speed settings):
+# TF32 matmuls (kronfluence's covariance, eigenbasis and score products, most of the FLOPs) leave the demo's
+# scores as float32 does; TF32 convolutions, PyTorch's own default, move them by about 2% of the largest.
+TF32_CHOICES = ("matmuls", "all", "off")
+DEFAULT_TF32 = "matmuls"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +108,7 @@ class AnalysisSettings:
     persistent_workers: bool = True  # only with workers; keeps them across the passes over the training set
     prefetch_factor: Optional[int] = None  # batches each worker loads ahead (None: torch's default, 2)
     channels_last: Optional[bool] = None  # None: on GPUs only (measured slower on the CPU, see README)
-    tf32: bool = True  # only on GPUs that have TF32
+    tf32: str = DEFAULT_TF32  # which float32 ops run in TF32, on GPUs that have it
     output_dir: str = naming.DEFAULT_OUTPUT_DIR
     analysis_name: str = naming.DEFAULT_ANALYSIS_NAME
     seed: int = 0
@@ -228,22 +233,32 @@ def score_partitions(settings: AnalysisSettings, num_train: int) -> int:
     return max(1, math.ceil(num_train / SCORE_PARTITION_EXAMPLES))
 
 
-def set_tf32(enabled: bool) -> bool:
-    """TF32 matmuls and convolutions (10-bit mantissa, float32 range) where the GPU has them; returns
-    whether they are now in use. Set through torch's fp32_precision switches, not the legacy allow_tf32
-    flags (torch refuses a mix of the two)."""
+def set_tf32(choice: str) -> str:
+    """Puts the TF32_CHOICES `choice` in force where the GPU has TF32 (compute capability 8+) and everything
+    else in full float32, convolutions included (PyTorch's own default runs them in TF32); returns the
+    choice in force ("off" without such a GPU). Set through torch's fp32_precision switches, not the legacy
+    allow_tf32 flags (torch refuses a mix of the two)."""
+    if choice not in TF32_CHOICES:
+        raise ValueError(f"tf32 must be one of {TF32_CHOICES}, not {choice!r}")
     available = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
-    precision = "tf32" if enabled and available else "ieee"
-    torch.backends.cuda.matmul.fp32_precision = precision
-    torch.backends.cudnn.conv.fp32_precision = precision
-    return precision == "tf32"
+    in_force = choice if available else "off"
+    torch.backends.cuda.matmul.fp32_precision = "tf32" if in_force in ("matmuls", "all") else "ieee"
+    torch.backends.cudnn.conv.fp32_precision = "tf32" if in_force == "all" else "ieee"
+    return in_force
 
 
 def precision_record() -> Dict[str, str]:
-    """For `depends_on`: TF32 changes factors and scores at the 1e-3 relative level, so results computed
-    with it are never mixed with float32 ones. Recorded only while in use, so that float32 results (on
-    any CPU, or written before the setting existed) keep matching each other."""
-    return {"matmul_precision": "tf32"} if torch.backends.cuda.matmul.fp32_precision == "tf32" else {}
+    """For `depends_on`: TF32 changes factors and scores (convolutions by about 2% of the largest score on
+    the demo data), so results computed with it are never mixed with float32 ones. Nothing on the CPU,
+    which has no TF32 whatever torch's switches say."""
+    if not torch.cuda.is_available():
+        return {}
+    record = {}
+    if torch.backends.cuda.matmul.fp32_precision == "tf32":
+        record["matmul_precision"] = "tf32"
+    if torch.backends.cudnn.conv.fp32_precision == "tf32":
+        record["conv_precision"] = "tf32"
+    return record
 
 
 def score_arguments(settings: AnalysisSettings, steps: int = 1, partitions: int = 1) -> ScoreArguments:
@@ -728,7 +743,7 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no_pin_memory", action="store_true", help="Do not pin host memory for copies to the GPU (pinned by default when a GPU is present).")
     parser.add_argument("--no_persistent_workers", action="store_true", help="Start DataLoader workers again for every pass over the training set (kept alive by default).")
     parser.add_argument("--channels_last", choices=CHANNELS_LAST_CHOICES, default="auto", help="Channels-last (NHWC) layout of the model and images: on, off, or auto = on with a GPU, off on the CPU where it measured slower (default: auto; scores equal up to float rounding).")
-    parser.add_argument("--no_tf32", action="store_true", help="Full float32 matmuls and convolutions on GPUs that have TF32 (default: TF32 there; no effect on the CPU). Recorded with the results.")
+    parser.add_argument("--tf32", choices=TF32_CHOICES, default=DEFAULT_TF32, help=f"Which float32 ops run in TF32 on GPUs that have it (no effect on the CPU): matmuls (kronfluence's products; measured not to change the scores), all (convolutions too, as PyTorch's default: faster, moves scores by about 2%% of the largest), or off (default: {DEFAULT_TF32}). Recorded with the results.")
 
 
 def speed_settings(args: argparse.Namespace) -> Dict[str, Any]:
@@ -738,7 +753,7 @@ def speed_settings(args: argparse.Namespace) -> Dict[str, Any]:
         "persistent_workers": not args.no_persistent_workers,
         "prefetch_factor": args.prefetch_factor,
         "channels_last": CHANNELS_LAST_CHOICES[args.channels_last],
-        "tf32": not args.no_tf32,
+        "tf32": args.tf32,
     }
 
 

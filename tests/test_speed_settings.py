@@ -21,11 +21,11 @@ GIB = 1024**3
 def test_flags_turn_each_setting_off(tmp_path):
     common = ["--dataset_dir", str(tmp_path)]
     defaults = analyze.settings_from_args(analyze.parse_args(common))
-    assert (defaults.channels_last, defaults.tf32, defaults.pin_memory, defaults.persistent_workers) == (None, True, True, True)
+    assert (defaults.channels_last, defaults.tf32, defaults.pin_memory, defaults.persistent_workers) == (None, "matmuls", True, True)
     assert analyze.uses_channels_last(defaults) == torch.cuda.is_available()  # measured slower on the CPU
     off = analyze.settings_from_args(analyze.parse_args(
-        [*common, "--channels_last", "off", "--no_tf32", "--no_pin_memory", "--no_persistent_workers", "--num_workers", "3", "--prefetch_factor", "5"]))
-    assert (off.channels_last, off.tf32, off.pin_memory, off.persistent_workers, off.prefetch_factor) == (False, False, False, False, 5)
+        [*common, "--channels_last", "off", "--tf32", "off", "--no_pin_memory", "--no_persistent_workers", "--num_workers", "3", "--prefetch_factor", "5"]))
+    assert (off.channels_last, off.tf32, off.pin_memory, off.persistent_workers, off.prefetch_factor) == (False, "off", False, False, 5)
 
 
 def test_prefetch_without_workers_is_refused(tmp_path, capsys):
@@ -94,5 +94,33 @@ def test_gathering_all_queries_gives_the_same_scores_as_one_pass_per_batch(tmp_p
 def test_tf32_is_off_without_a_gpu_that_has_it_and_is_then_not_recorded():
     if torch.cuda.is_available():
         pytest.skip("checks the CPU behaviour")
-    assert analyze.set_tf32(True) is False
-    assert analyze.precision_record() == {}
+    for choice in analyze.TF32_CHOICES:
+        assert analyze.set_tf32(choice) == "off"
+        assert analyze.precision_record() == {}
+    with pytest.raises(ValueError, match="tf32"):
+        analyze.set_tf32("on")
+
+
+@pytest.fixture
+def precision_switches():
+    """Puts torch's float32 precision switches back as they were after a test sets them."""
+    saved = (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision)
+    yield
+    torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = saved
+
+
+@pytest.mark.parametrize("capability, choice, record", [
+    ((8, 0), "matmuls", {"matmul_precision": "tf32"}),
+    ((8, 0), "all", {"matmul_precision": "tf32", "conv_precision": "tf32"}),
+    ((8, 0), "off", {}),
+    ((7, 0), "all", {}),  # a V100: no TF32
+])
+def test_tf32_choice_sets_torch_switches_and_is_recorded_on_a_gpu(monkeypatch, precision_switches, capability, choice, record):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: capability)
+    in_force = analyze.set_tf32(choice)
+    assert in_force == (choice if capability[0] >= 8 else "off")
+    # Convolutions leave PyTorch's default (TF32) unless asked for: they are what moves the scores.
+    assert torch.backends.cudnn.conv.fp32_precision == ("tf32" if in_force == "all" else "ieee")
+    assert torch.backends.cuda.matmul.fp32_precision == ("ieee" if in_force == "off" else "tf32")
+    assert analyze.precision_record() == record
