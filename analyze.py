@@ -86,7 +86,7 @@ QUERY_GRADIENT_MEMORY_FRACTION = 0.4
 CHANNELS_LAST_CHOICES = {"auto": None, "on": True, "off": False}
 # Which float32 ops run in TF32 on GPUs that have it. benchmarks/tf32_accuracy.py (README, Speed settings):
 # TF32 matmuls (kronfluence's covariance, eigenbasis and score products, most of the FLOPs) leave the demo's
-# scores as float32 does; TF32 convolutions, PyTorch's own default, move them by about 2% of the largest.
+# scores as float32 does; TF32 convolutions (on in PyTorch's own defaults) move them by 2-4% of the largest.
 TF32_CHOICES = ("matmuls", "all", "off")
 DEFAULT_TF32 = "matmuls"
 
@@ -235,7 +235,7 @@ def score_partitions(settings: AnalysisSettings, num_train: int) -> int:
 
 def set_tf32(choice: str) -> str:
     """Puts the TF32_CHOICES `choice` in force where the GPU has TF32 (compute capability 8+) and everything
-    else in full float32, convolutions included (PyTorch's own default runs them in TF32); returns the
+    else in full float32, convolutions included (PyTorch's own defaults run them in TF32); returns the
     choice in force ("off" without such a GPU). Set through torch's fp32_precision switches, not the legacy
     allow_tf32 flags (torch refuses a mix of the two)."""
     if choice not in TF32_CHOICES:
@@ -248,17 +248,15 @@ def set_tf32(choice: str) -> str:
 
 
 def precision_record() -> Dict[str, str]:
-    """For `depends_on`: TF32 changes factors and scores (convolutions by about 2% of the largest score on
-    the demo data), so results computed with it are never mixed with float32 ones. Nothing on the CPU,
-    which has no TF32 whatever torch's switches say."""
+    """For `depends_on`: TF32 changes factors and scores (convolutions by 2-4% of the largest score on the
+    demo data), so results computed with it are never mixed with float32 ones, nor TF32 matmuls alone with
+    TF32 matmuls and convolutions. Nothing on the CPU, which has no TF32 whatever torch's switches say."""
     if not torch.cuda.is_available():
         return {}
-    record = {}
-    if torch.backends.cuda.matmul.fp32_precision == "tf32":
-        record["matmul_precision"] = "tf32"
-    if torch.backends.cudnn.conv.fp32_precision == "tf32":
-        record["conv_precision"] = "tf32"
-    return record
+    matmuls = torch.backends.cuda.matmul.fp32_precision == "tf32"
+    convolutions = torch.backends.cudnn.conv.fp32_precision == "tf32"
+    in_force = [name for name, on in (("matmuls", matmuls), ("convolutions", convolutions)) if on]
+    return {"tf32": " and ".join(in_force)} if in_force else {}
 
 
 def score_arguments(settings: AnalysisSettings, steps: int = 1, partitions: int = 1) -> ScoreArguments:
@@ -743,7 +741,7 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no_pin_memory", action="store_true", help="Do not pin host memory for copies to the GPU (pinned by default when a GPU is present).")
     parser.add_argument("--no_persistent_workers", action="store_true", help="Start DataLoader workers again for every pass over the training set (kept alive by default).")
     parser.add_argument("--channels_last", choices=CHANNELS_LAST_CHOICES, default="auto", help="Channels-last (NHWC) layout of the model and images: on, off, or auto = on with a GPU, off on the CPU where it measured slower (default: auto; scores equal up to float rounding).")
-    parser.add_argument("--tf32", choices=TF32_CHOICES, default=DEFAULT_TF32, help=f"Which float32 ops run in TF32 on GPUs that have it (no effect on the CPU): matmuls (kronfluence's products; measured not to change the scores), all (convolutions too, as PyTorch's default: faster, moves scores by about 2%% of the largest), or off (default: {DEFAULT_TF32}). Recorded with the results.")
+    parser.add_argument("--tf32", choices=TF32_CHOICES, default=DEFAULT_TF32, help=f"Which float32 ops run in TF32 on GPUs that have it (no effect on the CPU): matmuls (kronfluence's products; measured not to change the scores), all (convolutions too; moves scores by 2-4%% of the largest, speed-up unmeasured), or off (default: {DEFAULT_TF32}). Recorded with the results.")
 
 
 def speed_settings(args: argparse.Namespace) -> Dict[str, Any]:

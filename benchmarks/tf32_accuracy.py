@@ -1,27 +1,25 @@
-"""The accuracy cost of TF32, measured without a GPU: runs `analyze.py` (the demo by default) once in plain
-float32 and once per rounding with every float32 matrix product and convolution fed TF32 operands, the way
-an Ampere-or-newer GPU computes them when TF32 is on (analyze.py's default there): the operands keep 10 of
-their 23 mantissa bits, products are summed in float32. It then compares the scores query by query
-(Spearman, Pearson, top-k overlap, largest difference) against the float32 ones. How a GPU library turns
-float32 operands into TF32 is not documented, so both ends are measured: round to nearest (even) and
-truncation. Accumulation order inside the GPU's tensor cores is not emulated; its effect is float32
-rounding, a thousand times smaller than TF32's.
-
-Without downloadable weights, `--calibrate_batchnorm` stands in for a trained model: a random-init ResNet-50
-whose BatchNorm statistics are set from the training images, so activations keep their scale through the 50
-layers (plain random init in eval mode lets them grow by orders of magnitude).
-
-Run it from the repository root as `python -m benchmarks.tf32_accuracy [ANALYZE_ARGS...]`: arguments it does
-not know go to analyze.py (default `--demo`); results go under `--output_dir` in one analysis folder per
-variant, so a second run reuses them."""
+"""The accuracy cost of TF32, measured without a GPU: runs `analyze.py` (the demo by default) in plain float32
+and again with every float32 matrix product and convolution fed TF32 operands (10 of 23 mantissa bits kept,
+products summed in float32), as an Ampere-or-newer GPU computes them with TF32 on, and compares the scores
+query by query (Spearman, Pearson, top-k overlap, largest difference). How a GPU library turns float32 into
+TF32 is not documented, so both ends are measured, round to nearest (even) and truncation; the tensor cores'
+summation order is not emulated (its effect is float32 rounding, a thousand times smaller). `--ops` limits
+TF32 to convolutions or to matmuls, and `--calibrate_batchnorm` stands in for trained weights where none can
+be downloaded. Arguments it does not know go to analyze.py (default `--demo`), with `--tf32 off` so the
+reference is float32 on a GPU too; each variant has its own analysis folder under `--output_dir`, reused
+by a rerun only if the same emulation made it. Run from the repository root:
+`python -m benchmarks.tf32_accuracy [ANALYZE_ARGS...]`."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
+import inspect
 import io
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -40,8 +38,8 @@ PROG = "tf32_accuracy.py"
 ROUNDINGS = ("nearest", "truncate")
 FLOAT32_NAME = "float32"
 DEFAULT_OUTPUT_DIR = Path("influence_results") / "tf32_accuracy"
-CALIBRATION_IMAGES = 64  # training images (at most) whose batch statistics become the BatchNorm statistics
-CALIBRATED_CHECKPOINT = "resnet50_random_init_batchnorm_from_data.pt"
+CALIBRATION_IMAGES = 64  # training images (at most, drawn by --seed) whose statistics become BatchNorm's
+EMULATION_FILE = "tf32_emulation.json"  # in each variant's folder: which emulation made its results
 TF32_MANTISSA_BITS = 10
 FLOAT32_MANTISSA_BITS = 23
 DROPPED_BITS = FLOAT32_MANTISSA_BITS - TF32_MANTISSA_BITS
@@ -60,8 +58,8 @@ MATMUL_OPERANDS = {
     aten.baddbmm.default: (1, 2),
     aten.baddbmm_.default: (1, 2),
 }
-# Which ops get TF32 operands: all (analyze.py's default on GPUs), or one kind; PyTorch's own default, and so
-# the upstream example's, is TF32 convolutions with float32 matmuls.
+# Which ops get TF32 operands: all, or one kind. On GPUs analyze.py's default is TF32 matmuls (`--tf32
+# matmuls`); PyTorch's own defaults, and so the upstream example's, are TF32 convolutions and float32 matmuls.
 OPS = {
     "all": {**CONVOLUTION_OPERANDS, **MATMUL_OPERANDS},
     "convolutions": CONVOLUTION_OPERANDS,
@@ -75,7 +73,7 @@ def round_to_tf32(tensor: torch.Tensor, rounding: str) -> torch.Tensor:
     Infinities and NaNs stay as they are (rounding up into the exponent is float32's own overflow)."""
     if rounding not in ROUNDINGS:
         raise ValueError(f"rounding must be one of {ROUNDINGS}, not {rounding!r}")
-    bits = tensor.contiguous().view(torch.int32)
+    bits = tensor.view(torch.int32)
     if rounding == "nearest":
         # Adding half an ulp of the kept mantissa (minus one when the kept last bit is even) carries into
         # it exactly when rounding up; integer overflow cannot happen below the infinity exponent.
@@ -118,14 +116,20 @@ def variant_name(rounding: Optional[str], ops: str) -> str:
     return f"tf32_{rounding}" + ("" if ops == "all" else f"_{ops}")
 
 
-def batchnorm_calibrated_checkpoint(analyze_args: List[str], path: Path) -> Path:
-    """Saves the random-init ResNet-50 of analyze.py's `--seed` with its BatchNorm running statistics
-    set to the batch statistics of the first CALIBRATION_IMAGES training images."""
-    args = analyze.parse_args(analyze_args)
-    dataset_dir = demo.make_demo_dataset() if args.demo else args.dataset_dir
+def batchnorm_calibrated_checkpoint(analyze_args: argparse.Namespace, output_dir: Path) -> Path:
+    """The random-init ResNet-50 of analyze.py's `--seed` with its BatchNorm running statistics set to the
+    batch statistics of CALIBRATION_IMAGES training images drawn by that seed, saved under `output_dir` once
+    per seed and training set (named by both, so a rerun reuses it and its sha256 stays the same)."""
+    dataset_dir = demo.make_demo_dataset() if analyze_args.demo else analyze_args.dataset_dir
     train = pipeline.get_imagenet_dataset("train", dataset_dir)
-    images = torch.stack([train[i][0] for i in range(min(CALIBRATION_IMAGES, len(train)))])
-    model = pipeline.build_model(weights=pipeline.NO_WEIGHTS, seed=args.seed)
+    fingerprint = pipeline.samples_fingerprint(train)[:12]
+    path = output_dir / f"resnet50_seed{analyze_args.seed}_batchnorm_from_{fingerprint}.pt"
+    if path.is_file():
+        return path
+    rng = np.random.default_rng(analyze_args.seed)
+    chosen = np.sort(rng.choice(len(train), size=min(CALIBRATION_IMAGES, len(train)), replace=False))
+    images = torch.stack([train[int(i)][0] for i in chosen])
+    model = pipeline.build_model(weights=pipeline.NO_WEIGHTS, seed=analyze_args.seed)
     for module in model.modules():
         if isinstance(module, nn.BatchNorm2d):
             module.reset_running_stats()
@@ -133,30 +137,62 @@ def batchnorm_calibrated_checkpoint(analyze_args: List[str], path: Path) -> Path
     model.train()
     with torch.no_grad():
         model(images)
-    path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
-    torch.save(model.state_dict(), partial)
-    partial.replace(path)
-    logger.info("random-init ResNet-50 (seed %d), BatchNorm statistics from %d training images: %s", args.seed, len(images), path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), partial)
+        partial.replace(path)
+    except OSError as error:
+        raise UserError(f"cannot write {partial} ({error.strerror or error})") from None
+    logger.info("random-init ResNet-50 (seed %d), BatchNorm statistics from %d training images: %s", analyze_args.seed, len(chosen), path)
     return path
 
 
+def emulation_record(rounding: str, ops: str) -> Dict[str, str]:
+    """What makes a variant's results: the rounding, the ops, and the code of the emulation itself."""
+    code = inspect.getsource(round_to_tf32) + inspect.getsource(EmulatedTF32) + repr(sorted((str(op), p) for op, p in OPS[ops].items()))
+    return {"rounding": rounding, "ops": ops, "emulation_sha256": hashlib.sha256(code.encode()).hexdigest()}
+
+
+def discard_other_emulation(folder: Path, record: Dict[str, str]) -> None:
+    """A variant folder made without this emulation's record (another version, or an interrupted first run)
+    is removed: on the CPU its results record the same dependencies as this emulation's would, so
+    analyze.py would reuse them."""
+    marker = folder / EMULATION_FILE
+    try:
+        same = json.loads(marker.read_text()) == record
+    except (OSError, ValueError):
+        same = False
+    if folder.exists() and not same:
+        logger.info("%s: made by another emulation or unfinished; recomputing", folder)
+        shutil.rmtree(folder)
+
+
 def run_analysis(analyze_args: List[str], output_dir: Path, rounding: Optional[str], ops: str) -> Tuple[Dict[str, Path], Dict[str, int]]:
-    """analyze.py with the user's arguments, writing into this variant's own analysis folder; returns its
-    score files and how many calls of each op got TF32 operands. Its printed report (the demo's, or the
-    timing table) is left out: the comparison is this script's report."""
+    """analyze.py with the user's arguments and float32 on GPUs (`--tf32 off`), writing into this variant's own
+    analysis folder; returns its score files and how many calls of each op got TF32 operands (none when its
+    results were reused). Its printed report (the demo's, or the timing table) is left out."""
     variant = variant_name(rounding, ops)
-    argv = [*analyze_args, "--output_dir", str(output_dir), "--analysis_name", variant]
+    argv = [*analyze_args, "--tf32", "off", "--output_dir", str(output_dir), "--analysis_name", variant]
     logger.info("%s: analyze.py %s", variant, " ".join(argv))
-    mode = contextlib.nullcontext() if rounding is None else EmulatedTF32(rounding, ops)
+    if rounding is None:
+        with contextlib.redirect_stdout(io.StringIO()):
+            return analyze.main(argv), {}
+    record = emulation_record(rounding, ops)
+    folder = output_dir / variant
+    discard_other_emulation(folder, record)
+    reusable = folder.exists()
+    mode = EmulatedTF32(rounding, ops)
     with mode, contextlib.redirect_stdout(io.StringIO()):
         results = analyze.main(argv)
-    counts = getattr(mode, "counts", {})
-    if counts:
-        logger.info("%s: TF32 operands in %s", variant, ", ".join(f"{n} x {op}" for op, n in sorted(counts.items())))
-    elif rounding is not None:
-        logger.info("%s: results reused from %s", variant, output_dir / variant)
-    return results, counts
+    if mode.counts:
+        logger.info("%s: TF32 operands in %s", variant, ", ".join(f"{n} x {op}" for op, n in sorted(mode.counts.items())))
+    elif not reusable:
+        raise RuntimeError(f"{variant}: the emulation reached no float32 product or convolution")
+    else:
+        logger.info("%s: results reused from %s", variant, folder)
+    (folder / EMULATION_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    return results, mode.counts
 
 
 def compare_scores(reference: np.ndarray, other: np.ndarray) -> Dict[str, Any]:
@@ -181,43 +217,68 @@ def build_parser() -> argparse.ArgumentParser:
         description="Accuracy cost of TF32 matmuls and convolutions, emulated on any device: analyze.py's scores "
         "with TF32 operands against float32 ones. Unknown arguments go to analyze.py (default: --demo).",
     )
-    parser.add_argument("--roundings", nargs="+", choices=ROUNDINGS, default=list(ROUNDINGS), help="How float32 operands become TF32: to nearest (even), truncated, or both (default: both).")
-    parser.add_argument("--ops", choices=OPS, default="all", help="Which float32 ops get TF32 operands: all (analyze.py's default on GPUs), convolutions (PyTorch's default, and the upstream example's) or matmuls (default: all).")
-    parser.add_argument("--calibrate_batchnorm", action="store_true", help="Analyse a random-init ResNet-50 whose BatchNorm statistics come from the training images (saved under --output_dir), a stand-in for trained weights where none can be downloaded.")
-    parser.add_argument("--output_dir", type=Path, default=DEFAULT_OUTPUT_DIR, help=f"analyze.py's --output_dir; one analysis folder per variant (default: {DEFAULT_OUTPUT_DIR}).")
+    parser.add_argument("--roundings", nargs="+", choices=ROUNDINGS, default=list(ROUNDINGS),
+                        help="How float32 operands become TF32: to nearest (even), truncated, or both (default: both).")
+    parser.add_argument("--ops", choices=OPS, default="all",
+                        help="Which float32 ops get TF32 operands: all, convolutions (as in PyTorch's defaults) or "
+                        "matmuls (as in analyze.py's default on GPUs) (default: all).")
+    parser.add_argument("--calibrate_batchnorm", action="store_true",
+                        help="Analyse a random-init ResNet-50 whose BatchNorm statistics come from the training images "
+                        "(saved under --output_dir), a stand-in for trained weights where none can be downloaded.")
+    parser.add_argument("--output_dir", type=Path, default=DEFAULT_OUTPUT_DIR,
+                        help=f"analyze.py's --output_dir; one analysis folder per variant (default: {DEFAULT_OUTPUT_DIR}).")
     parser.add_argument("--json", type=Path, help="Also write the comparison (summaries and per-query values) here.")
     return parser
+
+
+def parse_analyze_args(analyze_args: List[str], calibrate_batchnorm: bool) -> argparse.Namespace:
+    """analyze.py's own parsing of the forwarded arguments (its usage errors, exit code 2), then the
+    arguments this comparison sets itself or cannot honour, refused in one line each."""
+    analyze_parser = analyze.build_parser()
+    analyze_parser.set_defaults(tf32=None)  # to tell a given --tf32 from the default
+    parsed = analyze_parser.parse_args(analyze_args)
+    refusals = {
+        "--analysis_name": (parsed.analysis_name is not None, f"is chosen by {PROG} (one analysis folder per variant)"),
+        "--tf32": (parsed.tf32 is not None, f"is set by {PROG} (off: the emulation replaces it)"),
+        "--use_half_precision": (parsed.use_half_precision, "computes in bfloat16, where TF32 does not apply"),
+        "--self_influence": (parsed.self_influence, "gives no pairwise scores to compare"),
+        "--weights/--checkpoint": (calibrate_batchnorm and (parsed.weights is not None or parsed.checkpoint is not None),
+                                   "cannot be used with --calibrate_batchnorm, which makes the model"),
+    }
+    for flag, (refused, why) in refusals.items():
+        if refused:
+            build_parser().error(f"{flag} {why}; drop it")
+    return parsed
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args, analyze_args = build_parser().parse_known_args(argv)
     analyze_args = analyze_args or ["--demo"]
-    for flag in ("--output_dir", "--analysis_name"):
-        if any(arg == flag or arg.startswith(flag + "=") for arg in analyze_args):
-            build_parser().error(f"{flag} is chosen by {PROG} (one analysis folder per variant); drop it")
-    if "--use_half_precision" in analyze_args:
-        build_parser().error("--use_half_precision computes in bfloat16, where TF32 does not apply; drop it")
-    if args.calibrate_batchnorm and any(arg.split("=")[0] in ("--weights", "--checkpoint") for arg in analyze_args):
-        build_parser().error("--calibrate_batchnorm makes the model; drop --weights and --checkpoint")
+    parsed = parse_analyze_args(analyze_args, args.calibrate_batchnorm)
     setup_logging()
     with user_errors(PROG):
         if args.json is not None:
             comparison.check_writable(args.json)
         if args.calibrate_batchnorm:
-            checkpoint = batchnorm_calibrated_checkpoint(analyze_args, args.output_dir / CALIBRATED_CHECKPOINT)
+            checkpoint = batchnorm_calibrated_checkpoint(parsed, args.output_dir)
             analyze_args = [*analyze_args, "--checkpoint", str(checkpoint)]
         reference, _ = run_analysis(analyze_args, args.output_dir, None, args.ops)
-        result: Dict[str, Any] = {"analyze_args": analyze_args, "device": "emulated on " + ("cuda" if torch.cuda.is_available() else "cpu"), "ops": args.ops, "variants": {}, "tf32_operand_calls": {}}
+        result: Dict[str, Any] = {
+            "analyze_args": [*analyze_args, "--tf32", "off"], "emulated_on": "cuda" if torch.cuda.is_available() else "cpu",
+            "ops": args.ops, "variants": {}, "tf32_operand_calls": {}, "reused": {},
+        }
         for rounding in args.roundings:
             variant = variant_name(rounding, args.ops)
             scores, counts = run_analysis(analyze_args, args.output_dir, rounding, args.ops)
             if set(scores) != set(reference):
                 raise UserError(f"{variant} produced {sorted(scores)}, float32 {sorted(reference)}")
             result["variants"][variant] = {
-                name: compare_scores(analyze.load_scores(reference[name]).double().numpy(), analyze.load_scores(scores[name]).double().numpy())
+                name: compare_scores(analyze.load_scores(reference[name]).double().numpy(),
+                                     analyze.load_scores(scores[name]).double().numpy())
                 for name in reference
             }
             result["tf32_operand_calls"][variant] = counts
+            result["reused"][variant] = not counts
     for variant, by_scores in result["variants"].items():  # printed after all runs, away from their logs
         for name, compared in by_scores.items():
             print(f"\n{variant} vs float32, scores `{name}` (largest |difference| / largest |score|: "

@@ -110,8 +110,8 @@ def precision_switches():
 
 
 @pytest.mark.parametrize("capability, choice, record", [
-    ((8, 0), "matmuls", {"matmul_precision": "tf32"}),
-    ((8, 0), "all", {"matmul_precision": "tf32", "conv_precision": "tf32"}),
+    ((8, 0), "matmuls", {"tf32": "matmuls"}),
+    ((8, 0), "all", {"tf32": "matmuls and convolutions"}),
     ((8, 0), "off", {}),
     ((7, 0), "all", {}),  # a V100: no TF32
 ])

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+import pipeline
 from benchmarks import tf32_accuracy
 from benchmarks.tf32_accuracy import EmulatedTF32, round_to_tf32
 
@@ -78,31 +79,65 @@ def test_mode_reaches_convolution_gradients():
     assert (emulated - conv.weight.grad).norm() / conv.weight.grad.norm() < 2**-7
 
 
-def test_command_line_compares_tf32_scores_with_float32(tiny_imagenet, resnet50_checkpoint, tmp_path, capsys):
+def test_command_line_compares_tf32_scores_with_float32_and_reuses_only_its_own_results(tiny_imagenet, resnet50_checkpoint, tmp_path, capsys):
     output = tmp_path / "results"
     summary = tmp_path / "tf32.json"
-    result = tf32_accuracy.main([
+    argv = [
         "--roundings", "truncate", "--output_dir", str(output), "--json", str(summary),
         "--dataset_dir", str(tiny_imagenet), "--checkpoint", str(resnet50_checkpoint),
         "--factor_strategy", "identity", "--num_queries", "2", "--train_batch_size", "3", "--query_batch_size", "2",
-    ])
+    ]
+    result = tf32_accuracy.main(argv)
     assert json.loads(summary.read_text()) == json.loads(json.dumps(result))
     compared = result["variants"]["tf32_truncate"]["identity"]
     calls = result["tf32_operand_calls"]["tf32_truncate"]
-    assert {"aten.convolution.default", "aten.convolution_backward.default"} <= set(calls)
+    # The model's convolutions and gradients, and kronfluence's per-example gradient products in its hooks.
+    assert {"aten.convolution.default", "aten.convolution_backward.default", "aten.bmm.default"} <= set(calls)
+    assert result["reused"] == {"tf32_truncate": False}
     # Truncating 13 mantissa bits moves every product by up to 2^-10: the scores change, a little.
     assert 0 < compared["max_abs_difference_over_max_abs_score"] < 0.1
     assert len(compared["per_query"]["Spearman"]) == 2
     assert compared["statistics"]["Spearman"]["minimum"] > 0.5
-    assert (output / "float32").is_dir() and (output / "tf32_truncate").is_dir()
     printed = capsys.readouterr().out
     assert "tf32_truncate vs float32, scores `identity`" in printed and "Spearman" in printed
+    # The reference is plain float32 on a GPU too: analyze.py ran with --tf32 off.
+    record = json.loads((output / "float32" / "scores_identity" / "run_config.json").read_text())
+    assert record["settings"]["tf32"] == "off"
+
+    again = tf32_accuracy.main(argv)
+    assert again["reused"] == {"tf32_truncate": True}
+    assert again["variants"] == result["variants"]
+    marker = output / "tf32_truncate" / tf32_accuracy.EMULATION_FILE
+    marker.write_text(marker.read_text().replace('"truncate"', '"nearest"'))  # as if another emulation made it
+    third = tf32_accuracy.main(argv)
+    assert third["reused"] == {"tf32_truncate": False}
+    assert third["variants"] == result["variants"]
 
 
-@pytest.mark.parametrize("flag", [["--analysis_name", "x"], ["--analysis_name=x"], ["--use_half_precision"]])
-def test_flags_it_sets_or_cannot_honour_are_refused(flag, capsys):
+def test_batchnorm_statistics_come_from_the_training_images_drawn_by_the_seed(tiny_imagenet, tmp_path):
+    parsed = tf32_accuracy.parse_analyze_args(["--dataset_dir", str(tiny_imagenet), "--seed", "3"], True)
+    path = tf32_accuracy.batchnorm_calibrated_checkpoint(parsed, tmp_path / "out")
+    assert path.name.startswith("resnet50_seed3_batchnorm_from_")
+    state = torch.load(path)
+    model = pipeline.build_model(weights=None, checkpoint=path)
+    train = pipeline.get_imagenet_dataset("train", tiny_imagenet)
+    images = torch.stack([train[i][0] for i in range(len(train))])  # 6 images: all drawn
+    with torch.no_grad():
+        first = model.conv1(images)
+    assert torch.allclose(state["bn1.running_mean"], first.mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-5)
+    assert torch.allclose(state["bn1.running_var"], first.var(dim=(0, 2, 3)), rtol=1e-3, atol=1e-5)
+    stamp = path.stat().st_mtime_ns
+    assert tf32_accuracy.batchnorm_calibrated_checkpoint(parsed, tmp_path / "out") == path
+    assert path.stat().st_mtime_ns == stamp  # reused, so its sha256 and the results that name it stay valid
+
+
+@pytest.mark.parametrize("flags", [
+    ["--analysis_name", "x"], ["--analysis_name=x"], ["--use_half"], ["--self_influence"], ["--tf32", "all"],
+    ["--calibrate_batchnorm", "--weights", "none"],
+])
+def test_flags_it_sets_or_cannot_honour_are_refused(flags, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        tf32_accuracy.main(["--demo", *flag])
+        tf32_accuracy.main(["--demo", *flags])
     assert exit_info.value.code == 2
     assert "drop it" in capsys.readouterr().err
 
