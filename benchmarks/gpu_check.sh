@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The benchmark on one GPU; stops itself before 8 minutes (whether each run fits its share is untested:
-# never run on a GPU yet), for whenever a GPU machine is available. Installs nothing: run it from the repository root with the
-# suite's venv. Usage: benchmarks/gpu_check.sh OUTPUT_FOLDER [PYTHON]
+# The benchmark on one GPU, for whenever a GPU machine is available; stops itself before 8 minutes
+# (whether each run fits its share is untested: never run on a GPU yet). Installs nothing: run it from the
+# repository root with the suite's venv. Usage: benchmarks/gpu_check.sh OUTPUT_FOLDER [PYTHON]
 # Writes OUTPUT_FOLDER/benchmark_gpu.json and OUTPUT_FOLDER/benchmark_gpu.txt (the printed tables), then
 # the speed of each --tf32 choice on covariance fitting and on scoring, at one smaller size
 # (tf32_{matmuls,all,off}_{covariance,scores}.json).

@@ -169,11 +169,11 @@ def discard_other_emulation(folder: Path, record: Dict[str, str]) -> None:
 
 
 def run_analysis(analyze_args: List[str], output_dir: Path, rounding: Optional[str], ops: str) -> Tuple[Dict[str, Path], Dict[str, int]]:
-    """analyze.py with the user's arguments and float32 on GPUs (`--tf32 off`), writing into this variant's own
-    analysis folder; returns its score files and how many calls of each op got TF32 operands (none when its
-    results were reused). Its printed report (the demo's, or the timing table) is left out."""
+    """analyze.py with the given arguments, writing into this variant's own analysis folder; returns its score
+    files and how many calls of each op got TF32 operands (none when its results were reused). Its printed
+    report (the demo's, or the timing table) is left out."""
     variant = variant_name(rounding, ops)
-    argv = [*analyze_args, "--tf32", "off", "--output_dir", str(output_dir), "--analysis_name", variant]
+    argv = [*analyze_args, "--output_dir", str(output_dir), "--analysis_name", variant]
     logger.info("%s: analyze.py %s", variant, " ".join(argv))
     if rounding is None:
         with contextlib.redirect_stdout(io.StringIO()):
@@ -259,12 +259,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     with user_errors(PROG):
         if args.json is not None:
             comparison.check_writable(args.json)
+        analyze_args = [*analyze_args, "--tf32", "off"]  # the reference is float32 on a GPU too
         if args.calibrate_batchnorm:
             checkpoint = batchnorm_calibrated_checkpoint(parsed, args.output_dir)
             analyze_args = [*analyze_args, "--checkpoint", str(checkpoint)]
         reference, _ = run_analysis(analyze_args, args.output_dir, None, args.ops)
         result: Dict[str, Any] = {
-            "analyze_args": [*analyze_args, "--tf32", "off"], "emulated_on": "cuda" if torch.cuda.is_available() else "cpu",
+            "analyze_args": analyze_args, "emulated_on": "cuda" if torch.cuda.is_available() else "cpu",
             "ops": args.ops, "variants": {}, "tf32_operand_calls": {}, "reused": {},
         }
         for rounding in args.roundings:
