@@ -352,3 +352,18 @@ def build_model(
 
 def num_outputs(model: nn.Module) -> int:
     return model.fc.out_features
+
+
+def calibrate_batchnorm(model: nn.Module, images: torch.Tensor) -> nn.Module:
+    """Sets every BatchNorm layer's running statistics to the batch statistics of `images`, as training
+    would have set them, and returns the model. A random-init ResNet-50 needs it: with the initial
+    statistics its activations grow by orders of magnitude through the 50 layers in eval mode, and float32
+    round-off then dominates any comparison of scores."""
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None  # running statistics = the plain average over the batches seen: these
+    model.train()
+    with torch.no_grad():
+        model(images)
+    return model

@@ -30,10 +30,10 @@ from tqdm import tqdm
 
 import naming
 import pipeline
-from analyze import FULL_RANK, STRATEGIES, dataset_provenance
-from analyze import _rank as rank_argument
 from cli import UserError, non_negative_int, positive_int, setup_logging, user_errors
 from query_batching_analysis import ScoreFile, check_writable, open_score_file, read_rows
+from records import dataset_provenance
+from settings import FULL_RANK, STRATEGIES, rank_argument
 
 PROG = "top_influences.py"
 logger = logging.getLogger(PROG)

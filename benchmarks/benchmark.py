@@ -1,5 +1,5 @@
 """Speed of every phase of an influence analysis, measured one phase at a time on the device at hand (CPU or
-GPU) with the suite's own code (`analyze.make_analyzer`, its factor and score arguments, the ResNet-50 from
+GPU) with the suite's own code (`task.make_analyzer`, its factor and score arguments, the ResNet-50 from
 `pipeline.py`) on a generated folder of ImageNet-sized JPEGs loaded through the real transform, so decoding
 and resizing are counted: data loading (images/s for several DataLoader worker counts), covariance and
 lambda fitting (examples/s), eigendecomposition (s), pairwise scoring (training examples/s for a number of
@@ -38,6 +38,10 @@ import analyze
 import naming
 import pipeline
 from cli import non_negative_int, positive_int, setup_logging, user_errors
+from factors import FACTOR_MAX_EXAMPLES, factor_arguments
+from scoring import accumulation_steps, device_memory_bytes, query_gradient_bytes, score_arguments
+from settings import AnalysisSettings, dataloader_kwargs, set_tf32, uses_channels_last
+from task import make_analyzer
 
 PROG = "benchmark.py"
 PHASES = ("loading", "covariance", "eigendecomposition", "lambda", "scores")
@@ -201,7 +205,7 @@ class Bench:
     """What every phase needs: the analyzer, the data, the settings and the device's peaks."""
 
     analyzer: Any
-    settings: analyze.AnalysisSettings
+    settings: AnalysisSettings
     train: data.Dataset
     queries: data.Dataset
     device: torch.device
@@ -241,8 +245,8 @@ class Bench:
         }
 
 
-def factor_args(settings: analyze.AnalysisSettings, precision: str) -> Any:
-    return analyze.factor_arguments(dataclasses.replace(settings, use_half_precision=precision == "bfloat16"))
+def factor_args(settings: AnalysisSettings, precision: str) -> Any:
+    return factor_arguments(dataclasses.replace(settings, use_half_precision=precision == "bfloat16"))
 
 
 def subset(dataset: data.Dataset, count: int) -> data.Dataset:
@@ -257,7 +261,7 @@ def measure_loading(bench: Bench, workers: int, num_images: int, passes: int) ->
     `passes` passes of one DataLoader (full-rank scoring reads the training set once per pass, so worker
     start-up, which persistent workers pay once, is counted)."""
     settings = dataclasses.replace(bench.settings, num_workers=workers)
-    kwargs = {k: v for k, v in dataclasses.asdict(analyze.dataloader_kwargs(settings)).items() if v is not None}
+    kwargs = {k: v for k, v in dataclasses.asdict(dataloader_kwargs(settings)).items() if v is not None}
     indices = [i % len(bench.train) for i in range(num_images)]  # cycles the folder: decoding is the cost
     bench.clear_refs = reset_peak_memory(bench.device)
     start = time.perf_counter()
@@ -301,7 +305,7 @@ def measure_eigendecomposition(bench: Bench) -> Dict[str, Any]:
                         bench.action_seconds("Perform Eigendecomposition"), None)
 
 
-def score_settings(bench: Bench, rank: Optional[int], precision: str) -> analyze.AnalysisSettings:
+def score_settings(bench: Bench, rank: Optional[int], precision: str) -> AnalysisSettings:
     return dataclasses.replace(bench.settings, query_gradient_rank=rank, use_half_precision=precision == "bfloat16")
 
 
@@ -334,7 +338,7 @@ def measure_scores(bench: Bench, rank: Optional[int], precision: str, num_train:
     side timed apart from the query side (see `training_side`); FLOPs per training image counted on the
     training side of a second run against one training image, its query side running uncounted."""
     settings = score_settings(bench, rank, precision)
-    score_args = analyze.score_arguments(settings, steps=math.ceil(bench.num_queries / settings.query_batch_size))
+    score_args = score_arguments(settings, steps=math.ceil(bench.num_queries / settings.query_batch_size))
 
     def run(count: int) -> None:
         bench.analyzer.compute_pairwise_scores(
@@ -368,8 +372,8 @@ def project_scores_seconds(bench: Bench, row: Dict[str, Any], query_batch_size: 
     rank, precision = row["rank"], row["precision"]
     settings = dataclasses.replace(score_settings(bench, rank, precision), query_batch_size=query_batch_size)
     itemsize = 2 if precision == "bfloat16" else 4
-    query_bytes = analyze.query_gradient_bytes(bench.analyzer.model, rank, itemsize)
-    steps = analyze.accumulation_steps(settings, FULL_NUM_QUERIES, query_bytes, analyze.device_memory_bytes(bench.device))
+    query_bytes = query_gradient_bytes(bench.analyzer.model, rank, itemsize)
+    steps = accumulation_steps(settings, FULL_NUM_QUERIES, query_bytes, device_memory_bytes(bench.device))
     per_pass = min(FULL_NUM_QUERIES, steps * query_batch_size)
     passes = math.ceil(FULL_NUM_QUERIES / per_pass)
     # FLOPs per training image grow with the queries it is scored against: one dot product per query.
@@ -393,7 +397,7 @@ def projection(bench: Bench, phases: List[Dict[str, Any]]) -> List[Dict[str, Any
         if fits_factors:
             covariance, lam = find("covariance", precision), find("lambda", precision)
             eigen = next((p for p in phases if p["phase"] == "eigendecomposition"), None)
-            factor_examples = analyze.FACTOR_MAX_EXAMPLES
+            factor_examples = FACTOR_MAX_EXAMPLES
             actions["Fit Covariance"] = factor_examples / covariance["examples_per_s"] if covariance else None
             actions["Perform Eigendecomposition"] = eigen["seconds"] if eigen else None
             actions["Fit Lambda"] = factor_examples / lam["examples_per_s"] if lam else None
@@ -499,12 +503,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
 def run(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="benchmark_"))
-    settings = analyze.AnalysisSettings(
+    settings = AnalysisSettings(
         strategy=args.strategy, query_batch_size=args.query_batch_size, train_batch_size=args.train_batch_size,
         damping_factor=None, num_workers=args.num_workers, output_dir=str(workdir / "results"), analysis_name="benchmark",
         seed=SEED, profile=True, **analyze.speed_settings(args),
     )
-    tf32 = analyze.set_tf32(settings.tf32) if device.type == "cuda" else "off"
+    tf32 = set_tf32(settings.tf32) if device.type == "cuda" else "off"
     try:
         per_class = math.ceil(args.num_train / args.num_classes)
         dataset_dir = make_synthetic_imagenet(workdir / "imagenet", args.num_classes, per_class, math.ceil(args.num_queries / args.num_classes))
@@ -512,7 +516,7 @@ def run(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
         queries = subset(pipeline.get_imagenet_dataset("val", dataset_dir), args.num_queries)
         peaks = device_peaks(device, tf32 != "off")
         model = build_benchmark_model(SEED)
-        analyzer = analyze.make_analyzer(model, settings)
+        analyzer = make_analyzer(model, settings)
         bench = Bench(analyzer, settings, train, queries, device, peaks, False, args.num_queries)
         phases = measure_all(bench, args)
     finally:
@@ -520,7 +524,7 @@ def run(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
             shutil.rmtree(workdir, ignore_errors=True)
     jobs = projection(bench, phases) if settings.strategy == "ekfac" else []  # the seed's jobs are EKFAC
     result = {
-        "device": peaks, "tf32": tf32, "channels_last": analyze.uses_channels_last(settings), "settings": {k: v for k, v in dataclasses.asdict(settings).items() if k not in ("output_dir",)},
+        "device": peaks, "tf32": tf32, "channels_last": uses_channels_last(settings), "settings": {k: v for k, v in dataclasses.asdict(settings).items() if k not in ("output_dir",)},
         "sizes": {"num_train": args.num_train, "num_queries": args.num_queries, "loading_images": args.loading_images,
                   "loading_passes": args.loading_passes},
         "load_average": os.getloadavg(), "python": sys.version.split()[0], "torch": torch.__version__,

@@ -25,7 +25,6 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import analyze
@@ -33,6 +32,7 @@ import demo
 import pipeline
 import query_batching_analysis as comparison
 from cli import UserError, setup_logging, user_errors
+from scoring import load_scores
 
 PROG = "tf32_accuracy.py"
 ROUNDINGS = ("nearest", "truncate")
@@ -129,14 +129,7 @@ def batchnorm_calibrated_checkpoint(analyze_args: argparse.Namespace, output_dir
     rng = np.random.default_rng(analyze_args.seed)
     chosen = np.sort(rng.choice(len(train), size=min(CALIBRATION_IMAGES, len(train)), replace=False))
     images = torch.stack([train[int(i)][0] for i in chosen])
-    model = pipeline.build_model(weights=pipeline.NO_WEIGHTS, seed=analyze_args.seed)
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.reset_running_stats()
-            module.momentum = None  # running statistics = the plain average over the batches seen: this one
-    model.train()
-    with torch.no_grad():
-        model(images)
+    model = pipeline.calibrate_batchnorm(pipeline.build_model(weights=pipeline.NO_WEIGHTS, seed=analyze_args.seed), images)
     partial = path.with_suffix(".partial")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -274,8 +267,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             if set(scores) != set(reference):
                 raise UserError(f"{variant} produced {sorted(scores)}, float32 {sorted(reference)}")
             result["variants"][variant] = {
-                name: compare_scores(analyze.load_scores(reference[name]).double().numpy(),
-                                     analyze.load_scores(scores[name]).double().numpy())
+                name: compare_scores(load_scores(reference[name]).double().numpy(),
+                                     load_scores(scores[name]).double().numpy())
                 for name in reference
             }
             result["tf32_operand_calls"][variant] = counts

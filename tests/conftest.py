@@ -13,6 +13,8 @@ from PIL import Image
 from torch import nn
 from torch.utils import data
 
+import pipeline
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 TINY_IMAGE_SIZE = 40
@@ -50,20 +52,12 @@ def tiny_imagenet(tmp_path: Path) -> Path:
 def resnet50_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random-init ResNet-50 state dict saved like a user's checkpoint (fixed seed).
 
-    Its BatchNorm running statistics are set from one batch of noise images, as training would set
-    them; without that, activations grow by orders of magnitude through the 50 layers in eval mode
-    and float32 round-off dominates any comparison of scores.
+    Its BatchNorm running statistics are set from one batch of noise images (`pipeline.calibrate_batchnorm`).
     """
     from torchvision.models import resnet50
 
     torch.manual_seed(0)
-    model = resnet50(weights=None)
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.momentum = None  # running statistics = plain average over the batches seen
-    model.train()
-    with torch.no_grad():
-        model(torch.randn(8, 3, 224, 224))
+    model = pipeline.calibrate_batchnorm(resnet50(weights=None), torch.randn(8, 3, 224, 224))
     path = tmp_path_factory.mktemp("checkpoint") / "resnet50_random.pt"
     torch.save(model.state_dict(), path)
     return path

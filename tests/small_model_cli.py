@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import analyze  # noqa: E402
 import pipeline  # noqa: E402
+from task import ClassificationTask  # noqa: E402
 
 PHASE_METHODS = {
     "covariance": "fit_covariance_matrices",
@@ -81,7 +82,7 @@ def install_kill(spec: str) -> None:
 
         setattr(Analyzer, method, tracked)
 
-    loss = analyze.ClassificationTask.compute_train_loss
+    loss = ClassificationTask.compute_train_loss
     eigh = torch.linalg.eigh
 
     def counted_loss(self, *args, **kwargs):
@@ -92,8 +93,19 @@ def install_kill(spec: str) -> None:
         step()
         return eigh(*args, **kwargs)
 
-    analyze.ClassificationTask.compute_train_loss = counted_loss
+    ClassificationTask.compute_train_loss = counted_loss
     torch.linalg.eigh = counted_eigh
+
+
+def analyze_in_process(monkeypatch, dataset: Path, output_dir: Path, *extra: str):
+    """analyze.py's `main` in this process with the tiny model (identity strategy, 2 queries unless
+    `--self_influence`), for tests that read what it prints or raises."""
+    monkeypatch.setattr(pipeline, "build_model", build_tiny_model)
+    queries = [] if "--self_influence" in extra else ["--num_queries", "2"]
+    return analyze.main([
+        "--dataset_dir", str(dataset), "--weights", "none", "--num_workers", "0", "--factor_strategy", "identity",
+        "--output_dir", str(output_dir), *queries, *extra,
+    ])
 
 
 def main() -> None:
@@ -105,3 +117,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+

@@ -18,6 +18,7 @@ import analyze
 import naming
 import pipeline
 from conftest import REPO_ROOT, tiny_counts, write_image_folder
+from small_model_cli import analyze_in_process
 
 
 def _score_matrix(path: Path) -> torch.Tensor:
@@ -164,3 +165,13 @@ def test_half_precision_writes_bfloat16_scores_under_half_names(tiny_imagenet, r
     scores = _score_matrix(results["identity_half_qlr8"])
     assert scores.dtype == torch.bfloat16 and scores.shape == (2, 6)
     assert naming.factors_dir(tmp_path / "out", "imagenet", "identity_half").is_dir()
+
+
+def test_output_dir_that_cannot_be_created_is_one_line(monkeypatch, tmp_path, capsys):
+    dataset = write_image_folder(tmp_path / "imagenet", tiny_counts())
+    (tmp_path / "a_file").write_text("")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as caught:
+        analyze_in_process(monkeypatch, dataset, tmp_path / "a_file" / "out")
+    assert caught.value.code == 2
+    assert "output directory" in capsys.readouterr().err

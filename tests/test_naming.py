@@ -6,6 +6,7 @@ import pytest
 
 import analyze
 import naming
+from settings import STRATEGIES, AnalysisSettings
 
 
 @pytest.mark.parametrize(
@@ -22,12 +23,12 @@ import naming
 def test_seed_names(strategy, half, rank, expected_factors, expected_scores):
     assert naming.factors_name(strategy, half) == expected_factors
     assert naming.scores_name(strategy, half, rank) == expected_scores
-    settings = analyze.AnalysisSettings(strategy=strategy, use_half_precision=half, query_gradient_rank=rank)
+    settings = AnalysisSettings(strategy=strategy, use_half_precision=half, query_gradient_rank=rank)
     assert (settings.factors_name, settings.scores_name) == (expected_factors, expected_scores)
 
 
 def test_every_flag_combination_has_its_own_name_and_rank_round_trips():
-    combos = list(itertools.product(analyze.STRATEGIES, [False, True], [None, 1, 32, 128]))
+    combos = list(itertools.product(STRATEGIES, [False, True], [None, 1, 32, 128]))
     names = {naming.scores_name(*combo) for combo in combos}
     assert len(names) == len(combos)
     for strategy, half, rank in combos:

@@ -3,6 +3,7 @@ ResNet-50 from weights or checkpoints, and a one-line error for each input a use
 
 from __future__ import annotations
 
+import re
 import shutil
 import urllib.error
 from pathlib import Path
@@ -14,9 +15,11 @@ from PIL import Image
 from torchvision.models import resnet50
 
 import analyze
+import naming
 import pipeline
 from cli import UserError
 from conftest import tiny_counts, write_image_folder
+from small_model_cli import analyze_in_process
 
 
 def test_odd_imagenet_files_load_as_rgb_224(tmp_path):
@@ -218,3 +221,39 @@ def test_out_of_memory_is_one_line_naming_the_batch_sizes(monkeypatch, tmp_path,
     monkeypatch.setattr(analyze, "run", exhausted)
     err = _run_cli_error(["--dataset_dir", str(tmp_path)], capsys)
     assert "out of memory; lower --train_batch_size, --query_batch_size or --factor_batch_size" in err
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("num_workers", ["0", "2"])
+def test_truncated_image_is_named_in_one_line_and_nothing_is_finished(monkeypatch, tmp_path, capsys, num_workers):
+    dataset = write_image_folder(tmp_path / "imagenet", tiny_counts())
+    bad = dataset / "train" / "n02" / "n02_001.JPEG"
+    _truncate(bad)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as caught:
+        analyze_in_process(monkeypatch, dataset, tmp_path / "out", "--num_workers", num_workers)
+    err = capsys.readouterr().err.strip()
+    assert caught.value.code == 2
+    assert "Traceback" not in err and "Original" not in err, err
+    # The last line, after the progress bars: which file, and PIL's reason.
+    assert re.fullmatch(rf"analyze\.py: error: cannot read image {re.escape(str(bad))} \(OSError: [^\n]+\)", err.splitlines()[-1]), err
+    assert not (naming.scores_dir(tmp_path / "out", "imagenet", "identity") / naming.PAIRWISE_SCORES_FILE).exists()
+
+
+def test_check_images_lists_every_unreadable_file_before_any_work(monkeypatch, tmp_path, capsys):
+    dataset = write_image_folder(tmp_path / "imagenet", tiny_counts())
+    _truncate(dataset / "train" / "n02" / "n02_001.JPEG")
+    (dataset / "val" / "n01" / "n01_000.JPEG").write_bytes(b"not an image")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as caught:
+        analyze_in_process(monkeypatch, dataset, tmp_path / "out", "--check_images", "--num_workers", "2")
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar
+    assert caught.value.code == 2
+    assert err.startswith("analyze.py: error: 2 of 8 images cannot be read: ") and err.endswith("; fix or remove them"), err
+    assert f"{dataset}/train/n02/n02_001.JPEG (OSError: " in err
+    assert f"{dataset}/val/n01/n01_000.JPEG (UnidentifiedImageError: " in err
+    assert not naming.factors_dir(tmp_path / "out", "imagenet", "identity").exists()

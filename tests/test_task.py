@@ -9,8 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import analyze
 from conftest import small_problem
+from factors import fit_factors
+from scoring import compute_scores, load_scores
+from settings import AnalysisSettings
+from task import ClassificationTask, make_analyzer, sample_labels
 
 
 def _tracked_parameters(model: nn.Module):
@@ -39,14 +42,14 @@ def autograd_identity_scores(model: nn.Module, train, query) -> torch.Tensor:
 
 
 def run_scores(model, train, query, tmp_path, **overrides) -> torch.Tensor:
-    settings = analyze.AnalysisSettings(
+    settings = AnalysisSettings(
         query_batch_size=2, train_batch_size=5, output_dir=str(tmp_path), analysis_name="small", **overrides
     )
     provenance = {"train": {"model": "small", "num_train": len(train)}, "query": {"model": "small", "num_queries": len(query)}}
-    analyzer = analyze.make_analyzer(model, settings)
-    record = analyze.fit_factors(analyzer, train, settings, provenance)
-    path = analyze.compute_scores(analyzer, train, query, settings, provenance, record)
-    return analyze.load_scores(path)
+    analyzer = make_analyzer(model, settings)
+    record = fit_factors(analyzer, train, settings, provenance)
+    path = compute_scores(analyzer, train, query, settings, provenance, record)
+    return load_scores(path)
 
 
 def test_identity_scores_equal_autograd_gradient_dot_products(tmp_path):
@@ -89,12 +92,12 @@ def test_low_rank_scores_equal_full_rank_when_rank_covers_the_gradient(tmp_path)
 def test_sampled_labels_depend_only_on_seed_and_index():
     logits = torch.randn(6, 10)
     indices = torch.tensor([5, 9, 11, 40, 41, 100])
-    together = analyze.sample_labels(logits, indices, seed=3)
-    one_by_one = torch.cat([analyze.sample_labels(logits[i : i + 1], indices[i : i + 1], seed=3) for i in range(6)])
+    together = sample_labels(logits, indices, seed=3)
+    one_by_one = torch.cat([sample_labels(logits[i : i + 1], indices[i : i + 1], seed=3) for i in range(6)])
     assert torch.equal(together, one_by_one)
-    reversed_order = analyze.sample_labels(logits.flip(0), indices.flip(0), seed=3).flip(0)
+    reversed_order = sample_labels(logits.flip(0), indices.flip(0), seed=3).flip(0)
     assert torch.equal(together, reversed_order)
-    other_seeds = torch.stack([analyze.sample_labels(logits, indices, seed=s) for s in range(4, 24)])
+    other_seeds = torch.stack([sample_labels(logits, indices, seed=s) for s in range(4, 24)])
     assert (other_seeds != together).any()
 
 
@@ -102,13 +105,13 @@ def test_sampled_labels_follow_the_model_distribution():
     probabilities = torch.tensor([0.6, 0.3, 0.1])
     count = 6000
     logits = probabilities.log().expand(count, 3)
-    labels = analyze.sample_labels(logits, torch.arange(count), seed=0)
+    labels = sample_labels(logits, torch.arange(count), seed=0)
     frequencies = torch.bincount(labels, minlength=3).float() / count
     torch.testing.assert_close(frequencies, probabilities, atol=0.025, rtol=0)
 
 
 def test_measurement_is_negative_margin():
-    task = analyze.ClassificationTask(seed=0)
+    task = ClassificationTask(seed=0)
     model = nn.Linear(4, 3)
     images = torch.randn(2, 4)
     labels = torch.tensor([0, 2])
@@ -133,16 +136,3 @@ def test_same_seed_same_scores_other_seed_other_scores(tmp_path):
     assert not torch.allclose(runs[0], runs[2], rtol=1e-4, atol=0)
 
 
-def test_torn_result_files_are_recomputed_not_reused(tmp_path):
-    """A factor file and the score file cut short by a crash are detected on rerun and recomputed."""
-    model, train, query = small_problem()
-    # A copy: safetensors maps the file into memory, and the file is about to be cut short.
-    first = run_scores(copy.deepcopy(model), train, query, tmp_path, strategy="ekfac", damping_factor=None).clone()
-    analysis = tmp_path / "small"
-    for path in (analysis / "factors_ekfac" / "lambda_matrix.safetensors", analysis / "scores_ekfac" / "pairwise_scores.safetensors"):
-        data = path.read_bytes()
-        path.write_bytes(data[: len(data) // 2])
-    (analysis / "factors_ekfac" / "lambda_dataset_metadata.json").write_text('{"type": "Ind')
-    again = run_scores(copy.deepcopy(model), train, query, tmp_path, strategy="ekfac", damping_factor=None)
-    torch.testing.assert_close(again, first, rtol=1e-5, atol=0)
-    assert len((analysis / "scores_ekfac" / "pairwise_scores.safetensors").read_bytes()) > 100

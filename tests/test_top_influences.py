@@ -22,8 +22,13 @@ from safetensors.torch import load_file, save_file
 import analyze
 import naming
 import top_influences
-from conftest import REPO_ROOT, SmallCNN, IndexedTensors, small_problem, write_image_folder, tiny_counts
+from cli import UserError
+from conftest import REPO_ROOT, IndexedTensors, SmallCNN, small_problem, tiny_counts, write_image_folder
+from factors import fit_factors
 from query_batching_analysis import open_score_file
+from scoring import compute_scores, compute_self_scores, load_scores
+from settings import AnalysisSettings
+from task import ClassificationTask, make_analyzer
 
 
 @pytest.fixture
@@ -77,7 +82,7 @@ def test_readable_names_only_for_the_full_imagenet_class_list():
 # ------------------------------------------------------------------------------- self-influence maths
 
 
-class LossMeasurementTask(analyze.ClassificationTask):
+class LossMeasurementTask(ClassificationTask):
     """Measurement = the training loss (cross-entropy with the true label), as self-influence uses."""
 
     def compute_measurement(self, batch, model):
@@ -85,9 +90,9 @@ class LossMeasurementTask(analyze.ClassificationTask):
 
 
 def _self_scores(model, train, settings, provenance, name="ekfac_self") -> torch.Tensor:
-    analyzer = analyze.make_analyzer(copy.deepcopy(model), settings)
-    record = analyze.fit_factors(analyzer, train, settings, provenance)
-    path = analyze.compute_self_scores(analyzer, train, settings, provenance, record)
+    analyzer = make_analyzer(copy.deepcopy(model), settings)
+    record = fit_factors(analyzer, train, settings, provenance)
+    path = compute_self_scores(analyzer, train, settings, provenance, record)
     assert path == naming.self_scores_path(settings.output_dir, settings.analysis_name, name)
     return load_file(str(path))[naming.SCORES_KEY].clone()  # a copy: the file may be replaced
 
@@ -97,7 +102,7 @@ def test_self_scores_equal_the_diagonal_of_pairwise_scores_with_the_training_los
     inverse); pairwise scores with the training set as queries and the training loss as measurement are
     g_q' P g_i, whose diagonal is the same number. Same factors, full rank."""
     model, train, _ = small_problem(num_train=10)
-    settings = analyze.AnalysisSettings(
+    settings = AnalysisSettings(
         strategy="ekfac", damping_factor=None, query_batch_size=4, train_batch_size=3,
         output_dir=str(tmp_path), analysis_name="small",
     )
@@ -105,10 +110,10 @@ def test_self_scores_equal_the_diagonal_of_pairwise_scores_with_the_training_los
     self_scores = _self_scores(model, train, settings, provenance)
     assert self_scores.shape == (len(train),)
 
-    monkeypatch.setattr(analyze, "ClassificationTask", LossMeasurementTask)
-    analyzer = analyze.make_analyzer(copy.deepcopy(model), settings)
-    record = analyze.fit_factors(analyzer, train, settings, provenance)  # reuses the factors on disk
-    pairwise = analyze.load_scores(analyze.compute_scores(analyzer, train, train, settings, provenance, record))
+    monkeypatch.setattr("task.ClassificationTask", LossMeasurementTask)
+    analyzer = make_analyzer(copy.deepcopy(model), settings)
+    record = fit_factors(analyzer, train, settings, provenance)  # reuses the factors on disk
+    pairwise = load_scores(compute_scores(analyzer, train, train, settings, provenance, record))
     torch.testing.assert_close(self_scores, pairwise.diagonal(), rtol=1e-4, atol=1e-6)
     assert (self_scores > 0).all()  # g' P g with P positive definite
     off_diagonal = pairwise[~torch.eye(len(train), dtype=torch.bool)]
@@ -117,14 +122,14 @@ def test_self_scores_equal_the_diagonal_of_pairwise_scores_with_the_training_los
 
 def test_self_scores_are_reused_and_other_settings_refused(tmp_path, one_thread):
     model, train, _ = small_problem()
-    settings = analyze.AnalysisSettings(strategy="identity", train_batch_size=5, output_dir=str(tmp_path), analysis_name="small")
+    settings = AnalysisSettings(strategy="identity", train_batch_size=5, output_dir=str(tmp_path), analysis_name="small")
     provenance = {"train": {"model": "small", "num_train": len(train)}}
     _self_scores(model, train, settings, provenance, "identity_self")
     path = naming.self_scores_path(tmp_path, "small", "identity_self")
     stamp = path.stat().st_mtime_ns
     _self_scores(model, train, settings, provenance, "identity_self")
     assert path.stat().st_mtime_ns == stamp  # reused, not recomputed
-    with pytest.raises(analyze.UserError, match=r"damping_factor 1e-08 -> 0.5.*--overwrite"):
+    with pytest.raises(UserError, match=r"damping_factor 1e-08 -> 0.5.*--overwrite"):
         _self_scores(model, train, dataclasses.replace(settings, damping_factor=0.5), provenance, "identity_self")
     changed = _self_scores(model, train, dataclasses.replace(settings, damping_factor=0.5, overwrite=True), provenance, "identity_self")
     assert path.stat().st_mtime_ns != stamp and changed.shape == (len(train),)
@@ -156,7 +161,7 @@ def test_a_planted_mislabelled_image_ranks_at_the_top_of_self_influence(tmp_path
     assert torch.equal(predicted, labels)  # the model fits the data, the planted label included
     assert true_label != int(labels[planted])
 
-    settings = analyze.AnalysisSettings(
+    settings = AnalysisSettings(
         strategy="ekfac", damping_factor=None, train_batch_size=8, output_dir=str(tmp_path), analysis_name="planted"
     )
     provenance = {"train": {"model": "trained", "num_train": len(labels)}}

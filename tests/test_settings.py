@@ -1,6 +1,5 @@
-"""The speed settings of analyze.py: channels-last layout, TF32, DataLoader keyword arguments and the
-number of query batches gathered per pass over the training set; each is on by default, a flag turns it
-off, and none changes the scores beyond float rounding."""
+"""settings.py and the speed settings of analyze.py: channels-last layout, TF32 and the DataLoader keyword
+arguments; each is on by default, a flag turns it off, and none changes the scores beyond float rounding."""
 
 from __future__ import annotations
 
@@ -13,16 +12,17 @@ from torch import nn
 
 import analyze
 from conftest import SmallCNN, small_problem
+from records import precision_record
+from settings import TF32_CHOICES, AnalysisSettings, dataloader_kwargs, set_tf32, uses_channels_last
+from task import ClassificationTask, make_analyzer
 from test_task import run_scores
-
-GIB = 1024**3
 
 
 def test_flags_turn_each_setting_off(tmp_path):
     common = ["--dataset_dir", str(tmp_path)]
     defaults = analyze.settings_from_args(analyze.parse_args(common))
     assert (defaults.channels_last, defaults.tf32, defaults.pin_memory, defaults.persistent_workers) == (None, "matmuls", True, True)
-    assert analyze.uses_channels_last(defaults) == torch.cuda.is_available()  # measured slower on the CPU
+    assert uses_channels_last(defaults) == torch.cuda.is_available()  # measured slower on the CPU
     off = analyze.settings_from_args(analyze.parse_args(
         [*common, "--channels_last", "off", "--tf32", "off", "--no_pin_memory", "--no_persistent_workers", "--num_workers", "3", "--prefetch_factor", "5"]))
     assert (off.channels_last, off.tf32, off.pin_memory, off.persistent_workers, off.prefetch_factor) == (False, "off", False, False, 5)
@@ -35,11 +35,11 @@ def test_prefetch_without_workers_is_refused(tmp_path, capsys):
 
 
 def test_dataloader_kwargs_follow_the_settings_and_the_machine():
-    with_workers = analyze.dataloader_kwargs(analyze.AnalysisSettings(num_workers=2, prefetch_factor=4))
+    with_workers = dataloader_kwargs(AnalysisSettings(num_workers=2, prefetch_factor=4))
     assert with_workers.persistent_workers and with_workers.prefetch_factor == 4
     assert with_workers.pin_memory == torch.cuda.is_available()  # pinning only helps copies to a GPU
-    assert not analyze.dataloader_kwargs(analyze.AnalysisSettings(num_workers=2, persistent_workers=False)).persistent_workers
-    without = analyze.dataloader_kwargs(analyze.AnalysisSettings(num_workers=0, prefetch_factor=4))
+    assert not dataloader_kwargs(AnalysisSettings(num_workers=2, persistent_workers=False)).persistent_workers
+    without = dataloader_kwargs(AnalysisSettings(num_workers=0, prefetch_factor=4))
     assert not without.persistent_workers and without.prefetch_factor is None  # torch refuses both without workers
 
 
@@ -55,50 +55,21 @@ def test_channels_last_gives_the_same_scores_as_contiguous(tmp_path):
 
 
 def test_channels_last_converts_the_model_and_the_images():
-    model = analyze.make_analyzer(SmallCNN(), analyze.AnalysisSettings(channels_last=True, output_dir="unused")).model
+    model = make_analyzer(SmallCNN(), AnalysisSettings(channels_last=True, output_dir="unused")).model
     weight = next(m.weight for m in model.modules() if isinstance(m, nn.Conv2d))
     assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
-    task = analyze.ClassificationTask(seed=0, channels_last=True)
+    task = ClassificationTask(seed=0, channels_last=True)
     assert task._layout(torch.randn(2, 3, 8, 8)).is_contiguous(memory_format=torch.channels_last)
-
-
-def test_query_gradient_bytes_count_every_tracked_weight_and_bias():
-    model = SmallCNN()
-    # conv1 4 x (3*3*3 + bias), conv2 6 x (4*3*3), fc 3 x (96 + bias)
-    assert analyze.query_gradient_bytes(model, None, 4) == 4 * (4 * 28 + 6 * 36 + 3 * 97)
-    # rank 2: min(full, 2 x (rows + columns)) per layer
-    assert analyze.query_gradient_bytes(model, 2, 2) == 2 * (2 * (4 + 28) + 2 * (6 + 36) + 2 * (3 + 97))
-
-
-def test_query_batches_gathered_per_pass_fit_the_memory():
-    settings = analyze.AnalysisSettings(query_batch_size=100)
-    query_bytes = 100 * 1024**2  # ResNet-50, full rank, float32
-    assert analyze.accumulation_steps(settings, 1000, query_bytes, 1000 * GIB) == 10  # everything: one pass
-    assert analyze.accumulation_steps(settings, 1000, query_bytes, 80 * GIB) == 3  # 0.4 x 80 GiB = 327 queries
-    assert analyze.accumulation_steps(settings, 1000, query_bytes, 1 * GIB) == 1  # never fewer than one batch
-    assert analyze.accumulation_steps(settings, 1000, query_bytes, 80 * GIB, num_processes=4) == 1
-    explicit = analyze.AnalysisSettings(query_batch_size=100, query_gradient_accumulation_steps=7)
-    assert analyze.accumulation_steps(explicit, 1000, query_bytes, 1000 * GIB) == 7
-
-
-def test_gathering_all_queries_gives_the_same_scores_as_one_pass_per_batch(tmp_path):
-    model, train, query = small_problem()
-    kwargs = dict(strategy="ekfac", damping_factor=None)
-    per_batch = run_scores(copy.deepcopy(model), train, query, tmp_path / "a", query_gradient_accumulation_steps=1, **kwargs)
-    gathered = run_scores(copy.deepcopy(model), train, query, tmp_path / "b", **kwargs)
-    torch.testing.assert_close(gathered, per_batch, rtol=1e-5, atol=1e-7)
-    record = json.loads((tmp_path / "b" / "small" / "scores_ekfac" / "run_config.json").read_text())
-    assert record["resolved"]["query_gradient_accumulation_steps"] == 2  # 4 queries in batches of 2, one pass
 
 
 def test_tf32_is_off_without_a_gpu_that_has_it_and_is_then_not_recorded():
     if torch.cuda.is_available():
         pytest.skip("checks the CPU behaviour")
-    for choice in analyze.TF32_CHOICES:
-        assert analyze.set_tf32(choice) == "off"
-        assert analyze.precision_record() == {}
+    for choice in TF32_CHOICES:
+        assert set_tf32(choice) == "off"
+        assert precision_record() == {}
     with pytest.raises(ValueError, match="tf32"):
-        analyze.set_tf32("on")
+        set_tf32("on")
 
 
 @pytest.fixture
@@ -118,9 +89,9 @@ def precision_switches():
 def test_tf32_choice_sets_torch_switches_and_is_recorded_on_a_gpu(monkeypatch, precision_switches, capability, choice, record):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: capability)
-    in_force = analyze.set_tf32(choice)
+    in_force = set_tf32(choice)
     assert in_force == (choice if capability[0] >= 8 else "off")
     # Convolutions leave PyTorch's default (TF32) unless asked for: they are what moves the scores.
     assert torch.backends.cudnn.conv.fp32_precision == ("tf32" if in_force == "all" else "ieee")
     assert torch.backends.cuda.matmul.fp32_precision == ("ieee" if in_force == "off" else "tf32")
-    assert analyze.precision_record() == record
+    assert precision_record() == record

@@ -1,12 +1,14 @@
-"""Interrupted runs, changed inputs and broken files: a run killed in any phase resumes to the same scores,
-results computed from other inputs are refused, and a bad image, an unwritable folder or a full disk
-each end in one line with nothing left behind that a later run would take as finished.
+"""scoring.py: scores in resumable partitions (a run killed in any phase, or interrupted with Ctrl-C or a
+full disk, resumes to the same scores; partitioning does not change them), self-influence in partitions,
+and the number of query batches gathered per pass over the training set.
 
 The interruption tests run `tests/small_model_cli.py`: analyze.py's real command line with a tiny CNN,
 so each run takes seconds and can be killed at a chosen step of each phase."""
 
 from __future__ import annotations
 
+import copy
+import json
 import os
 import re
 import resource
@@ -17,17 +19,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 from safetensors import safe_open
 
-import analyze
 import naming
-import pipeline
-import small_model_cli
-from conftest import REPO_ROOT, tiny_counts, write_image_folder
+from conftest import REPO_ROOT, SmallCNN, small_problem, tiny_counts, write_image_folder
+from records import discard_torn_files
+from scoring import PAIRWISE, SELF, accumulation_steps, query_gradient_bytes
+from settings import AnalysisSettings
+from small_model_cli import analyze_in_process
+from test_task import run_scores
 
 WORKER = REPO_ROOT / "tests" / "small_model_cli.py"
 PARTITIONS = 3
+GIB = 1024**3
 
 
 def _scores(path: Path) -> torch.Tensor:
@@ -105,7 +109,7 @@ def test_run_killed_in_every_phase_resumes_to_the_same_scores(dataset, uninterru
     assert "activation_covariance.safetensors" not in finished_before["covariance:4"]
     scores_dir = naming.scores_dir(tmp_path, "imagenet", "ekfac")
     assert torch.equal(_scores(scores_dir / naming.PAIRWISE_SCORES_FILE), uninterrupted["ekfac"])
-    assert not list(scores_dir.glob(analyze.PAIRWISE.partition_glob))  # joined, then removed
+    assert not list(scores_dir.glob(PAIRWISE.partition_glob))  # joined, then removed
 
 
 def test_low_rank_run_killed_while_scoring_resumes_to_the_same_scores(dataset, uninterrupted, tmp_path):
@@ -160,89 +164,7 @@ def test_rerun_with_other_query_batches_per_pass_keeps_finished_partitions(datas
 # ------------------------------------------------------------------------------ changed inputs
 
 
-def _in_process(monkeypatch, dataset: Path, output_dir: Path, *extra: str):
-    monkeypatch.setattr(pipeline, "build_model", small_model_cli.build_tiny_model)
-    queries = [] if "--self_influence" in extra else ["--num_queries", "2"]
-    return analyze.main([
-        "--dataset_dir", str(dataset), "--weights", "none", "--num_workers", "0", "--factor_strategy", "identity",
-        "--output_dir", str(output_dir), *queries, *extra,
-    ])
-
-
-def test_image_replaced_under_the_same_name_is_refused(monkeypatch, tmp_path, capsys):
-    dataset = write_image_folder(tmp_path / "imagenet", tiny_counts())
-    _in_process(monkeypatch, dataset, tmp_path / "out")
-    victim = dataset / "train" / "n01" / "n01_001.JPEG"
-    before = victim.stat().st_size
-    # Another picture of the same dimensions (40 x 40), saved under the same file name.
-    Image.new("RGB", Image.open(victim).size, (200, 10, 10)).save(victim, format="JPEG")
-    assert victim.stat().st_size != before
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as caught:
-        _in_process(monkeypatch, dataset, tmp_path / "out")
-    err = capsys.readouterr().err
-    assert caught.value.code == 2
-    assert re.search(r"factors in .* were computed with other settings \(train_files_sha256 '\w+' -> '\w+'\)", err), err
-    assert "--overwrite" in err
-
-
-def test_changed_preprocessing_is_refused(monkeypatch, tmp_path, capsys):
-    dataset = write_image_folder(tmp_path / "imagenet", tiny_counts())
-    _in_process(monkeypatch, dataset, tmp_path / "out")
-    monkeypatch.setattr(pipeline, "transform_description", lambda: "Compose(Resize(size=288), ...)")
-    capsys.readouterr()
-    with pytest.raises(SystemExit):
-        _in_process(monkeypatch, dataset, tmp_path / "out")
-    assert "transform 'Compose(" in capsys.readouterr().err
-
-
 # ----------------------------------------------------------------------------------- bad input
-
-
-def _truncate(path: Path) -> None:
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
-
-
-@pytest.mark.parametrize("num_workers", ["0", "2"])
-def test_truncated_image_is_named_in_one_line_and_nothing_is_finished(monkeypatch, tmp_path, capsys, num_workers):
-    dataset = write_image_folder(tmp_path / "imagenet", tiny_counts())
-    bad = dataset / "train" / "n02" / "n02_001.JPEG"
-    _truncate(bad)
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as caught:
-        _in_process(monkeypatch, dataset, tmp_path / "out", "--num_workers", num_workers)
-    err = capsys.readouterr().err.strip()
-    assert caught.value.code == 2
-    assert "Traceback" not in err and "Original" not in err, err
-    # The last line, after the progress bars: which file, and PIL's reason.
-    assert re.fullmatch(rf"analyze\.py: error: cannot read image {re.escape(str(bad))} \(OSError: [^\n]+\)", err.splitlines()[-1]), err
-    assert not (naming.scores_dir(tmp_path / "out", "imagenet", "identity") / naming.PAIRWISE_SCORES_FILE).exists()
-
-
-def test_check_images_lists_every_unreadable_file_before_any_work(monkeypatch, tmp_path, capsys):
-    dataset = write_image_folder(tmp_path / "imagenet", tiny_counts())
-    _truncate(dataset / "train" / "n02" / "n02_001.JPEG")
-    (dataset / "val" / "n01" / "n01_000.JPEG").write_bytes(b"not an image")
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as caught:
-        _in_process(monkeypatch, dataset, tmp_path / "out", "--check_images", "--num_workers", "2")
-    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar
-    assert caught.value.code == 2
-    assert err.startswith("analyze.py: error: 2 of 8 images cannot be read: ") and err.endswith("; fix or remove them"), err
-    assert f"{dataset}/train/n02/n02_001.JPEG (OSError: " in err
-    assert f"{dataset}/val/n01/n01_000.JPEG (UnidentifiedImageError: " in err
-    assert not naming.factors_dir(tmp_path / "out", "imagenet", "identity").exists()
-
-
-def test_output_dir_that_cannot_be_created_is_one_line(monkeypatch, tmp_path, capsys):
-    dataset = write_image_folder(tmp_path / "imagenet", tiny_counts())
-    (tmp_path / "a_file").write_text("")
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as caught:
-        _in_process(monkeypatch, dataset, tmp_path / "a_file" / "out")
-    assert caught.value.code == 2
-    assert "output directory" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -276,7 +198,7 @@ def test_full_disk_is_one_line_and_the_rerun_finishes(dataset, uninterrupted, tm
     ), last
     factors = naming.factors_dir(tmp_path, "imagenet", "ekfac")
     assert not (factors / "activation_covariance.safetensors").exists()
-    assert analyze.discard_torn_files(factors) == []  # nothing half-written is left to be taken as finished
+    assert discard_torn_files(factors) == []  # nothing half-written is left to be taken as finished
     again = _run(argv)
     assert again.returncode == 0, again.stderr[-3000:]
     assert torch.equal(_scores(naming.pairwise_scores_path(tmp_path, "imagenet", "ekfac")), uninterrupted["ekfac"])
@@ -287,10 +209,39 @@ def test_self_influence_in_partitions_equals_one_pass(monkeypatch, tmp_path):
     results = {}
     for partitions in ("1", "3"):
         output_dir = tmp_path / f"out{partitions}"
-        paths = _in_process(monkeypatch, dataset, output_dir, "--self_influence", "--score_partitions", partitions)
+        paths = analyze_in_process(monkeypatch, dataset, output_dir, "--self_influence", "--score_partitions", partitions)
         (path,) = paths.values()
         results[partitions] = _scores(path)
-        assert not list(path.parent.glob(analyze.SELF.partition_glob))
+        assert not list(path.parent.glob(SELF.partition_glob))
     assert results["3"].shape == (6,)
     # Per-example gradients come from batches of other sizes, so equal up to float rounding.
     torch.testing.assert_close(results["3"], results["1"], rtol=1e-5, atol=0)
+
+
+def test_query_gradient_bytes_count_every_tracked_weight_and_bias():
+    model = SmallCNN()
+    # conv1 4 x (3*3*3 + bias), conv2 6 x (4*3*3), fc 3 x (96 + bias)
+    assert query_gradient_bytes(model, None, 4) == 4 * (4 * 28 + 6 * 36 + 3 * 97)
+    # rank 2: min(full, 2 x (rows + columns)) per layer
+    assert query_gradient_bytes(model, 2, 2) == 2 * (2 * (4 + 28) + 2 * (6 + 36) + 2 * (3 + 97))
+
+
+def test_query_batches_gathered_per_pass_fit_the_memory():
+    settings = AnalysisSettings(query_batch_size=100)
+    query_bytes = 100 * 1024**2  # ResNet-50, full rank, float32
+    assert accumulation_steps(settings, 1000, query_bytes, 1000 * GIB) == 10  # everything: one pass
+    assert accumulation_steps(settings, 1000, query_bytes, 80 * GIB) == 3  # 0.4 x 80 GiB = 327 queries
+    assert accumulation_steps(settings, 1000, query_bytes, 1 * GIB) == 1  # never fewer than one batch
+    assert accumulation_steps(settings, 1000, query_bytes, 80 * GIB, num_processes=4) == 1
+    explicit = AnalysisSettings(query_batch_size=100, query_gradient_accumulation_steps=7)
+    assert accumulation_steps(explicit, 1000, query_bytes, 1000 * GIB) == 7
+
+
+def test_gathering_all_queries_gives_the_same_scores_as_one_pass_per_batch(tmp_path):
+    model, train, query = small_problem()
+    kwargs = dict(strategy="ekfac", damping_factor=None)
+    per_batch = run_scores(copy.deepcopy(model), train, query, tmp_path / "a", query_gradient_accumulation_steps=1, **kwargs)
+    gathered = run_scores(copy.deepcopy(model), train, query, tmp_path / "b", **kwargs)
+    torch.testing.assert_close(gathered, per_batch, rtol=1e-5, atol=1e-7)
+    record = json.loads((tmp_path / "b" / "small" / "scores_ekfac" / "run_config.json").read_text())
+    assert record["resolved"]["query_gradient_accumulation_steps"] == 2  # 4 queries in batches of 2, one pass
