@@ -32,8 +32,8 @@ from factors import fit_factors
 from records import dataset_provenance, discard_torn_files, write_failure
 from scoring import SCORE_PARTITION_EXAMPLES, compute_scores, compute_self_scores, load_scores, scores_shape
 from settings import (
-    CHANNELS_LAST_CHOICES, DEFAULT_TF32, DEMO_DEFAULTS, FULL_RANK, SEED_DEFAULTS, STRATEGIES, TF32_CHOICES,
-    AnalysisSettings, rank_argument, set_tf32,
+    CHANNELS_LAST_CHOICES, DEFAULT_TF32, DEMO_DEFAULTS, FACTOR_MAX_EXAMPLES, FULL_RANK, SEED_DEFAULTS, STRATEGIES,
+    TF32_CHOICES, AnalysisSettings, rank_argument, set_tf32,
 )
 from task import make_analyzer
 
@@ -77,9 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--analysis_name", help="Sub-folder of --output_dir for this model and data (default: imagenet; demo: demo).")
     parser.add_argument("--weights", choices=pipeline.weight_choices(), help=f"torchvision ResNet50_Weights to load, or 'none' for random init (default: {pipeline.DEFAULT_WEIGHTS}; demo: that if cached, else none).")
     parser.add_argument("--checkpoint", type=Path, help="Local ResNet-50 state dict (.pt/.pth/.safetensors; may be wrapped under state_dict/model, module. prefixes allowed) instead of --weights.")
+    parser.add_argument("--resize_size", type=positive_int, help=f"With --checkpoint or --weights none: resize the shorter side of every image to this many pixels (default: {pipeline.RESIZE_SIZE}); torchvision weights use their own preset (IMAGENET1K_V2: 232).")
+    parser.add_argument("--crop_size", type=positive_int, help=f"With --checkpoint or --weights none: the centre crop the model sees, in pixels (default: {pipeline.CROP_SIZE}); torchvision weights use their own preset (224).")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="Seed for every random choice (true-Fisher labels, randomised SVD) (default: 0).")
     parser.add_argument("--overwrite", action="store_true", help="Replace results on disk that were computed with other settings (finished matching results are still reused).")
     parser.add_argument("--profile", action="store_true", help="Print the per-phase timing table at the end.")
+    parser.add_argument("--factor_examples", type=positive_int, default=FACTOR_MAX_EXAMPLES, help=f"Training images the covariance and lambda factors are fitted on: all of them up to N, else N drawn at random with --seed (default: {FACTOR_MAX_EXAMPLES:,}, upstream's on ImageNet). Recorded with the factors.")
     parser.add_argument("--score_partitions", type=positive_int, help=f"Parts the training set is scored in; each is saved when done, so an interrupted run loses at most one (default: one per {SCORE_PARTITION_EXAMPLES:,} training images).")
     parser.add_argument("--check_images", action="store_true", help="Decode every training and query image before the analysis starts and stop with the list of unreadable files (one pass over the data, with --num_workers processes).")
     parser.add_argument("--self_influence", action="store_true", help=f"Compute self-influence scores of every training image with the same factors (scores_STRATEGY[_half]{naming.SELF_SUFFIX}/{naming.SELF_SCORES_FILE}) INSTEAD of pairwise scores; run without it for pairwise scores (finished factors are reused either way). Not under torchrun on CPUs.")
@@ -116,6 +119,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error("--dataset_dir is required (or --demo for the offline demo)")
     if args.checkpoint is not None and args.weights is not None:
         parser.error("--checkpoint and --weights exclude each other")
+    problem = pipeline.check_preprocessing_sizes(args.resize_size, args.crop_size)
+    if problem:
+        parser.error(problem)
     if args.self_influence:
         query_flags = {"--num_queries": args.num_queries, "--query_batch_size": args.query_batch_size,
                        "--query_gradient_rank": args.query_gradient_rank,
@@ -158,6 +164,7 @@ def settings_from_args(args: argparse.Namespace) -> AnalysisSettings:
         overwrite=args.overwrite,
         profile=args.profile or args.demo,
         score_partitions=args.score_partitions,
+        factor_examples=args.factor_examples,
     )
 
 
@@ -188,10 +195,13 @@ def run(args: argparse.Namespace, layout: distributed.Layout) -> Dict[str, Path]
         if weights is None and args.checkpoint is None and not pipeline.pretrained_weights_cached():
             logger.warning("demo: pretrained ResNet-50 weights are not cached (no download here); using random init")
             weights = pipeline.NO_WEIGHTS
+    if weights is None and args.checkpoint is None:
+        weights = pipeline.DEFAULT_WEIGHTS
+    preprocessing = pipeline.model_preprocessing(weights if args.checkpoint is None else None, args.resize_size, args.crop_size)
     dataset_dir = Path(args.dataset_dir)
     # Cheap folder checks come before the model is built.
-    train_dataset = pipeline.get_imagenet_dataset("train", dataset_dir)
-    val_dataset = pipeline.get_imagenet_dataset("val", dataset_dir)
+    train_dataset = pipeline.get_imagenet_dataset("train", dataset_dir, preprocessing=preprocessing)
+    val_dataset = pipeline.get_imagenet_dataset("val", dataset_dir, preprocessing=preprocessing)
     num_queries = args.num_queries if args.num_queries is not None else len(val_dataset)
     if args.self_influence:
         num_queries = 0  # no queries: val is only checked for its classes
@@ -200,8 +210,6 @@ def run(args: argparse.Namespace, layout: distributed.Layout) -> Dict[str, Path]
         raise UserError(
             f"--score_partitions {settings.score_partitions} is more than the {len(train_dataset)} training images"
         )
-    if weights is None and args.checkpoint is None:
-        weights = pipeline.DEFAULT_WEIGHTS
     if args.checkpoint is None and weights != pipeline.NO_WEIGHTS and not args.demo:
         pipeline.check_pretrained_classes(train_dataset, weights)
     model = pipeline.build_model(weights=weights, checkpoint=args.checkpoint, seed=args.seed)
@@ -217,9 +225,10 @@ def run(args: argparse.Namespace, layout: distributed.Layout) -> Dict[str, Path]
     else:
         model_source = f"weights:{weights}"
     provenance = dataset_provenance(train_dataset, query_dataset, model_source)
-    provenance["inputs"] = {  # where things were, for the record; results do not depend on it
+    provenance["inputs"] = {  # where things were, for the record (results depend on the transform, recorded above)
         "dataset_dir": str(dataset_dir.resolve()),
         "checkpoint": str(args.checkpoint.resolve()) if args.checkpoint is not None else None,
+        "preprocessing": dataclasses.asdict(preprocessing),  # its parameters, for the scripts that read results
     }
     logger.info(
         "%s: %d training images, %d queries, strategy %s, %s, %s%s",
@@ -282,6 +291,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Path]:
                 raise UserError(
                     "out of memory; lower --train_batch_size, --query_batch_size or --factor_batch_size (or "
                     "--query_gradient_accumulation_steps); finished results are kept"
+                ) from None
+            except torch.linalg.LinAlgError as error:
+                # Covariances of too few examples for a layer's input size (a small folder at a small crop)
+                # are so degenerate that eigh does not converge, even in float64.
+                raise UserError(
+                    f"the eigendecomposition of a covariance failed ({str(error).splitlines()[0][:120]}): too few "
+                    "training images for the layers' sizes; use more images, a larger --crop_size, or --factor_strategy "
+                    "diagonal or identity; finished results are kept"
                 ) from None
             except (OSError, SafetensorError) as error:
                 reason = write_failure(error)

@@ -15,7 +15,6 @@ import distributed
 from records import claim_results_dir, precision_record
 from settings import HALF_DTYPE, AnalysisSettings, uses_channels_last
 
-FACTOR_MAX_EXAMPLES = 100_000  # kronfluence's cap for covariance and lambda fitting, as upstream used
 
 
 def factor_arguments(settings: AnalysisSettings) -> FactorArguments:
@@ -34,13 +33,13 @@ def factor_batch_size(settings: AnalysisSettings, analyzer: Any) -> Optional[int
     return settings.train_batch_size
 
 
-def factor_examples(train_dataset: data.Dataset, seed: int) -> data.Dataset:
-    """The training images the factors are fitted on: all of them up to FACTOR_MAX_EXAMPLES, else a random
-    subset drawn with `seed`. kronfluence would take the first 100,000, which in ImageFolder order are the
-    first ~78 of ImageNet's 1,000 classes."""
-    if len(train_dataset) <= FACTOR_MAX_EXAMPLES:
+def factor_examples(train_dataset: data.Dataset, seed: int, limit: int) -> data.Dataset:
+    """The training images the factors are fitted on: all of them up to `limit` (--factor_examples), else a
+    random subset of `limit` drawn with `seed`. kronfluence would take the first 100,000, which in
+    ImageFolder order are the first ~78 of ImageNet's 1,000 classes."""
+    if len(train_dataset) <= limit:
         return train_dataset
-    chosen = np.random.default_rng(seed).choice(len(train_dataset), size=FACTOR_MAX_EXAMPLES, replace=False)
+    chosen = np.random.default_rng(seed).choice(len(train_dataset), size=limit, replace=False)
     return data.Subset(train_dataset, sorted(chosen.tolist()))
 
 
@@ -53,7 +52,7 @@ def fit_factors(
 ) -> Dict[str, Any]:
     """Fits (or reuses) covariance, eigendecomposition and lambda factors; returns the factors' record."""
     directory = analyzer.factors_output_dir(settings.factors_name)
-    fit_dataset = factor_examples(train_dataset, settings.seed)
+    fit_dataset = factor_examples(train_dataset, settings.seed, settings.factor_examples)
     depends_on = {
         "strategy": settings.strategy,
         "use_half_precision": settings.use_half_precision,

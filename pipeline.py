@@ -6,6 +6,7 @@ is not a ResNet-50) is raised as a one-line `cli.UserError` before any heavy wor
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -20,6 +21,7 @@ from torch.utils import data
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
 from torchvision.models import ResNet50_Weights, resnet50
+from torchvision.transforms import InterpolationMode
 from tqdm.auto import tqdm
 
 from cli import UserError
@@ -30,6 +32,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RESIZE_SIZE = 256
 CROP_SIZE = 224
+MIN_IMAGE_SIZE = 32
 SPLITS = ("train", "val")
 DEFAULT_WEIGHTS = "IMAGENET1K_V1"
 NO_WEIGHTS = "none"
@@ -43,15 +46,61 @@ def weight_choices() -> List[str]:
     return [weights.name for weights in ResNet50_Weights] + [NO_WEIGHTS]
 
 
-def eval_transform() -> transforms.Compose:
-    """The evaluation transform, used for the training set and the queries alike."""
-    return transforms.Compose(
-        [
-            transforms.Resize(RESIZE_SIZE),
-            transforms.CenterCrop(CROP_SIZE),
-            transforms.ToTensor(),
-            transforms.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
-        ]
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+    """The evaluation preprocessing: Resize(resize_size) of the shorter side, CenterCrop(crop_size),
+    then (for the model) ToTensor and Normalize with ImageNet's mean and std. Used for the training set and
+    the queries alike, and recorded with the results."""
+
+    resize_size: int = RESIZE_SIZE
+    crop_size: int = CROP_SIZE
+    interpolation: str = InterpolationMode.BILINEAR.value
+
+    def view(self) -> transforms.Compose:
+        """The image as the model sees it, before it becomes a tensor (for figures)."""
+        return transforms.Compose(
+            [transforms.Resize(self.resize_size, interpolation=InterpolationMode(self.interpolation)), transforms.CenterCrop(self.crop_size)]
+        )
+
+    def transform(self) -> transforms.Compose:
+        return transforms.Compose(
+            [*self.view().transforms, transforms.ToTensor(), transforms.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)]
+        )
+
+
+def weights_preprocessing(weights_name: str) -> Preprocessing:
+    """The evaluation preset torchvision publishes with the weights (IMAGENET1K_V1: Resize 256, IMAGENET1K_V2:
+    Resize 232, both CenterCrop 224, bilinear), read from `weights.transforms()` without any download."""
+    preset = ResNet50_Weights[weights_name].transforms()
+    return Preprocessing(preset.resize_size[0], preset.crop_size[0], preset.interpolation.value)
+
+
+def check_preprocessing_sizes(resize_size: Optional[int], crop_size: Optional[int]) -> Optional[str]:
+    """What is wrong with explicit --resize_size/--crop_size (None if nothing): each at least MIN_IMAGE_SIZE
+    (ResNet-50 halves an image five times), and the crop no larger than the resized image."""
+    for flag, size in (("--resize_size", resize_size), ("--crop_size", crop_size)):
+        if size is not None and size < MIN_IMAGE_SIZE:
+            return f"{flag} {size} is below {MIN_IMAGE_SIZE} pixels, too small for ResNet-50's five halvings"
+    resize = RESIZE_SIZE if resize_size is None else resize_size
+    crop = CROP_SIZE if crop_size is None else crop_size
+    if crop > resize:
+        return f"--crop_size {crop} is larger than --resize_size {resize}: the centre crop must fit in the resized image"
+    return None
+
+
+def model_preprocessing(weights: Optional[str], resize_size: Optional[int] = None, crop_size: Optional[int] = None) -> Preprocessing:
+    """The preprocessing a model was evaluated with: torchvision weights carry their own preset; a
+    checkpoint or a random init (`weights` None or `none`) gets 256/224 unless sizes are given."""
+    if weights is not None and weights != NO_WEIGHTS:
+        preset = weights_preprocessing(weights)
+        if resize_size is not None or crop_size is not None:
+            raise UserError(
+                f"--resize_size/--crop_size are for --checkpoint and --weights none: ResNet50_Weights.{weights} is "
+                f"evaluated with Resize({preset.resize_size}) and CenterCrop({preset.crop_size}), which are used"
+            )
+        return preset
+    return Preprocessing(
+        RESIZE_SIZE if resize_size is None else resize_size, CROP_SIZE if crop_size is None else crop_size
     )
 
 
@@ -139,8 +188,9 @@ def get_imagenet_dataset(
     split: str,
     dataset_dir: str | Path,
     indices: Optional[Sequence[int]] = None,
+    preprocessing: Preprocessing = Preprocessing(),
 ) -> data.Dataset:
-    """The `split` ("train" or "val") of an ImageNet-layout folder, evaluation transform applied.
+    """The `split` ("train" or "val") of an ImageNet-layout folder, `preprocessing` applied.
 
     With `indices`, only those examples (a `Subset`; items keep their index in the full folder).
     """
@@ -156,7 +206,7 @@ def get_imagenet_dataset(
             "each with one folder per class (val sorted into class folders)"
         )
     try:
-        dataset = IndexedImageFolder(str(split_dir), transform=eval_transform())
+        dataset = IndexedImageFolder(str(split_dir), transform=preprocessing.transform())
     except FileNotFoundError as error:
         # ImageFolder's own message names the class folders without images; a user needs the path too.
         raise UserError(f"{split_dir}: {error}") from None
@@ -257,10 +307,10 @@ def samples_fingerprint(dataset: data.Dataset) -> str:
     return digest.hexdigest()
 
 
-def transform_description() -> str:
-    """The evaluation transform as text (its repr names every step and parameter), recorded with results
+def transform_description(dataset: data.Dataset) -> str:
+    """The dataset's transform as text (its repr names every step and parameter), recorded with results
     so that scores computed with another preprocessing are never reused."""
-    return repr(eval_transform())
+    return repr(base_image_folder(dataset).transform)
 
 
 def check_pretrained_classes(dataset: data.Dataset, weights_name: str) -> None:
@@ -354,16 +404,19 @@ def num_outputs(model: nn.Module) -> int:
     return model.fc.out_features
 
 
-def calibrate_batchnorm(model: nn.Module, images: torch.Tensor) -> nn.Module:
-    """Sets every BatchNorm layer's running statistics to the batch statistics of `images`, as training
-    would have set them, and returns the model. A random-init ResNet-50 needs it: with the initial
-    statistics its activations grow by orders of magnitude through the 50 layers in eval mode, and float32
-    round-off then dominates any comparison of scores."""
+def calibrate_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: Optional[int] = None) -> nn.Module:
+    """Sets every BatchNorm layer's running statistics to the statistics of `images` (averaged over batches
+    of `batch_size`, all at once by default), as training would have set them, and returns the model in
+    eval mode. A random-init ResNet-50 needs it: with the initial statistics its activations grow by orders
+    of magnitude through the 50 layers in eval mode, and float32 round-off then dominates any comparison
+    of scores. A trained one gets exact statistics of its final weights instead of lagging running ones."""
     for module in model.modules():
         if isinstance(module, nn.BatchNorm2d):
             module.reset_running_stats()
             module.momentum = None  # running statistics = the plain average over the batches seen: these
     model.train()
+    step = batch_size or len(images)
     with torch.no_grad():
-        model(images)
-    return model
+        for start in range(0, len(images), step):
+            model(images[start : start + step])
+    return model.eval()

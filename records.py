@@ -37,7 +37,7 @@ def dataset_provenance(train_dataset: data.Dataset, query_dataset: data.Dataset,
     still recognised)."""
     train = {
         "model": model_source,
-        "transform": pipeline.transform_description(),
+        "transform": pipeline.transform_description(train_dataset),
         "num_train": len(train_dataset),
         "train_files_sha256": pipeline.samples_fingerprint(train_dataset),
     }

@@ -31,6 +31,8 @@ DEMO_DEFAULTS = {
     "damping_factor": None,
     "analysis_name": naming.DEMO_ANALYSIS_NAME,
 }
+# Training images the covariance and lambda factors are fitted on at most, as upstream used on ImageNet.
+FACTOR_MAX_EXAMPLES = 100_000
 HALF_DTYPE = torch.bfloat16
 CHANNELS_LAST_CHOICES = {"auto": None, "on": True, "off": False}
 # Which float32 ops run in TF32 on GPUs that have it. benchmarks/tf32_accuracy.py (docs/performance.md, Speed settings):
@@ -64,6 +66,7 @@ class AnalysisSettings:
     overwrite: bool = False
     profile: bool = False
     score_partitions: Optional[int] = None
+    factor_examples: int = FACTOR_MAX_EXAMPLES
 
     @property
     def factors_name(self) -> str:

@@ -163,6 +163,13 @@ def load_record(scores_path: Path) -> Optional[Dict[str, Any]]:
         raise UserError(f"{record_path} is not valid JSON (an interrupted run?)") from None
 
 
+def recorded_preprocessing(record: Optional[Dict[str, Any]]) -> pipeline.Preprocessing:
+    """The preprocessing analyze.py recorded with the scores (records from before it was recorded, and
+    missing records, mean the default 256/224); the images are then read and drawn as the model saw them."""
+    recorded = (record or {}).get("resolved", {}).get("preprocessing")
+    return pipeline.Preprocessing(**recorded) if recorded else pipeline.Preprocessing()
+
+
 def check_same_images(
     record: Optional[Dict[str, Any]], train: data.Dataset, queries: data.Dataset, dataset_dir: Path, self_influence: bool
 ) -> None:
@@ -247,9 +254,9 @@ def _shown(text: str) -> str:
     return text if len(text) <= LABEL_WIDTH else text[: LABEL_WIDTH - 1] + "…"
 
 
-def draw_grid(path: Path, cells: List[List[Optional[Tuple[str, str]]]], title: str) -> None:
+def draw_grid(path: Path, cells: List[List[Optional[Tuple[str, str]]]], title: str, view: transforms.Compose) -> None:
     """Saves a grid of images: `cells[row][column]` is (image file, caption) or None for an empty cell.
-    Images are shown as the model saw them (resized and centre-cropped)."""
+    Images are shown as the model saw them: `view` resizes and centre-crops them (Preprocessing.view)."""
     import matplotlib  # pylint: disable=import-outside-toplevel
 
     matplotlib.use("Agg")
@@ -257,7 +264,6 @@ def draw_grid(path: Path, cells: List[List[Optional[Tuple[str, str]]]], title: s
 
     rows, columns = len(cells), max(len(row) for row in cells)
     width, height = (size / DPI for size in figure_size_pixels(rows, columns))
-    view = transforms.Compose([transforms.Resize(pipeline.RESIZE_SIZE), transforms.CenterCrop(pipeline.CROP_SIZE)])
     figure = plt.figure(figsize=(width, height), dpi=DPI)
     for row, row_cells in enumerate(cells):
         for column, cell in enumerate(row_cells):
@@ -286,7 +292,8 @@ def _caption(heading: str, example: Example, score: float) -> str:
 
 
 def draw_query_figure(
-    path: Path, query: Example, prediction: Optional[str], ranked: Dict[str, List[Tuple[Example, float]]], scores_label: str
+    path: Path, query: Example, prediction: Optional[str], ranked: Dict[str, List[Tuple[Example, float]]], scores_label: str,
+    view: transforms.Compose,
 ) -> None:
     """Row 1: the query, then its most helpful training images; row 2: its most harmful ones."""
     query_caption = f"query {query.index}\nlabel {_shown(query.label)}"
@@ -297,10 +304,12 @@ def draw_query_figure(
     ]
     no_negative = all(score >= 0 for _, score in ranked[HARMFUL])
     draw_grid(path, cells, f"query {query.index} ({Path(query.path).name}), `{scores_label}` scores: most helpful "
-              f"(top row) and most harmful (bottom row{': no score is negative, so these helped least' if no_negative else ''})")
+              f"(top row) and most harmful (bottom row{': no score is negative, so these helped least' if no_negative else ''})", view)
 
 
-def draw_self_figure(path: Path, ranked: List[Tuple[Example, float]], predictions: Dict[int, str], scores_label: str) -> None:
+def draw_self_figure(
+    path: Path, ranked: List[Tuple[Example, float]], predictions: Dict[int, str], scores_label: str, view: transforms.Compose
+) -> None:
     cells: List[List[Optional[Tuple[str, str]]]] = []
     for rank, (example, score) in enumerate(ranked, 1):
         if (rank - 1) % SELF_GRID_COLUMNS == 0:
@@ -309,7 +318,7 @@ def draw_self_figure(path: Path, ranked: List[Tuple[Example, float]], prediction
         if example.index in predictions:
             caption += f"\npred. {_shown(predictions[example.index])}"
         cells[-1].append((example.path, caption))
-    draw_grid(path, cells, f"highest self-influence (`{scores_label}`): candidates for mislabelled or atypical images")
+    draw_grid(path, cells, f"highest self-influence (`{scores_label}`): candidates for mislabelled or atypical images", view)
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -393,7 +402,9 @@ def _entry(rank: int, example: Example, score: float) -> Dict[str, Any]:
     return {"rank": rank, "train_index": example.index, "train_path": example.path, "label": example.label, "score": score}
 
 
-def run_pairwise(args: argparse.Namespace, path: Path, train: data.Dataset, val: data.Dataset, names: List[str]) -> Dict[str, Any]:
+def run_pairwise(
+    args: argparse.Namespace, path: Path, record: Optional[Dict[str, Any]], train: data.Dataset, val: data.Dataset, names: List[str]
+) -> Dict[str, Any]:
     score_file = open_score_file(path, "--scores")
     if score_file.num_train != len(train) or score_file.num_queries > len(val):
         raise UserError(
@@ -404,7 +415,6 @@ def run_pairwise(args: argparse.Namespace, path: Path, train: data.Dataset, val:
     if max(queries) >= score_file.num_queries:
         raise UserError(f"--queries {max(queries)} is not among the {score_file.num_queries} queries in {path}")
     query_set = data.Subset(val, list(range(score_file.num_queries)))
-    record = load_record(path)
     check_same_images(record, train, query_set, args.dataset_dir, self_influence=False)
     table, summary = naming.top_influences_tables(args.results_dir or path.parent, self_influence=False)
     for output in (table, summary):
@@ -434,7 +444,7 @@ def run_pairwise(args: argparse.Namespace, path: Path, train: data.Dataset, val:
         if query_index in drawn and args.figure_top_k:
             figure = naming.top_influences_figure_path(args.figure_dir, analysis_name, name, query_index)
             shown = {kind: examples[: args.figure_top_k] for kind, examples in ranked.items()}
-            draw_query_figure(figure, query, predictions.get(query_index), shown, name)
+            draw_query_figure(figure, query, predictions.get(query_index), shown, name, recorded_preprocessing(record).view())
             entry["figure"] = str(figure)
             figures.append(str(figure))
         entries.append(entry)
@@ -451,14 +461,13 @@ def run_pairwise(args: argparse.Namespace, path: Path, train: data.Dataset, val:
     return result
 
 
-def run_self(args: argparse.Namespace, path: Path, train: data.Dataset, names: List[str]) -> Dict[str, Any]:
+def run_self(args: argparse.Namespace, path: Path, record: Optional[Dict[str, Any]], train: data.Dataset, names: List[str]) -> Dict[str, Any]:
     scores = read_self_scores(path)
     if scores.numel() != len(train):
         raise UserError(
             f"{path} holds {scores.numel()} self-influence scores but {args.dataset_dir} has {len(train)} training "
             "images; pass the --dataset_dir the scores were computed on"
         )
-    record = load_record(path)
     check_same_images(record, train, data.Subset(train, []), args.dataset_dir, self_influence=True)
     table, summary = naming.top_influences_tables(args.results_dir or path.parent, self_influence=True)
     for output in (table, summary):
@@ -477,7 +486,7 @@ def run_self(args: argparse.Namespace, path: Path, train: data.Dataset, names: L
     if shown:
         analysis_name, name = scores_label(path)
         figure = naming.top_influences_figure_path(args.figure_dir, analysis_name, name)
-        draw_self_figure(figure, shown, predictions, name)
+        draw_self_figure(figure, shown, predictions, name, recorded_preprocessing(record).view())
         figures.append(str(figure))
     result = {
         "scores": str(path), "num_train": scores.numel(), "top_k": args.top_k, "dataset_dir": str(args.dataset_dir),
@@ -499,13 +508,15 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         path = scores_path(args)
         if args.demo and not args.dataset_dir.is_dir():
             raise UserError(f"{args.dataset_dir} does not exist: run `python analyze.py --demo` first")
-        train = pipeline.get_imagenet_dataset("train", args.dataset_dir)
+        record = load_record(path)
+        preprocessing = recorded_preprocessing(record)
+        train = pipeline.get_imagenet_dataset("train", args.dataset_dir, preprocessing=preprocessing)
         names = class_names(pipeline.base_image_folder(train).classes)
         if args.self_influence:
-            return run_self(args, path, train, names)
-        val = pipeline.get_imagenet_dataset("val", args.dataset_dir)
+            return run_self(args, path, record, train, names)
+        val = pipeline.get_imagenet_dataset("val", args.dataset_dir, preprocessing=preprocessing)
         pipeline.check_datasets(train, val, num_queries=0)
-        return run_pairwise(args, path, train, val, names)
+        return run_pairwise(args, path, record, train, val, names)
 
 
 if __name__ == "__main__":

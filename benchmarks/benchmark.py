@@ -38,9 +38,9 @@ import analyze
 import naming
 import pipeline
 from cli import non_negative_int, positive_int, setup_logging, user_errors
-from factors import FACTOR_MAX_EXAMPLES, factor_arguments
+from factors import factor_arguments
 from scoring import accumulation_steps, device_memory_bytes, query_gradient_bytes, score_arguments
-from settings import AnalysisSettings, dataloader_kwargs, set_tf32, uses_channels_last
+from settings import FACTOR_MAX_EXAMPLES, AnalysisSettings, dataloader_kwargs, set_tf32, uses_channels_last
 from task import make_analyzer
 
 PROG = "benchmark.py"

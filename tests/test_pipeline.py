@@ -46,7 +46,7 @@ def test_items_carry_their_index_in_the_full_folder(tiny_imagenet):
 
 def test_evaluation_transform_is_resize_256_center_crop_224_normalize():
     image = Image.fromarray(np.full((300, 400, 3), 255, dtype=np.uint8))
-    tensor = pipeline.eval_transform()(image)
+    tensor = pipeline.Preprocessing().transform()(image)
     assert tensor.shape == (3, 224, 224)
     expected = (1.0 - torch.tensor(pipeline.IMAGENET_MEAN)) / torch.tensor(pipeline.IMAGENET_STD)
     torch.testing.assert_close(tensor[:, 0, 0], expected)
@@ -199,6 +199,10 @@ def test_bad_input_gives_one_line_and_writes_nothing(case, tiny_imagenet, tmp_pa
         (["--factor_strategy", "kfc"], "invalid choice: 'kfc'"),
         (["--weights", "none", "--checkpoint", "x.pt"], "--checkpoint and --weights exclude each other"),
         (["--demo"], "--demo makes its own dataset"),
+        (["--crop_size", "80", "--resize_size", "73"], "--crop_size 80 is larger than --resize_size 73"),
+        (["--crop_size", "300"], "--crop_size 300 is larger than --resize_size 256"),
+        (["--crop_size", "16"], "--crop_size 16 is below 32 pixels"),
+        (["--resize_size", "31", "--crop_size", "31"], "--resize_size 31 is below 32 pixels"),
     ],
 )
 def test_impossible_flags_are_refused_by_the_parser(argv, message, tmp_path, capsys):
@@ -206,6 +210,23 @@ def test_impossible_flags_are_refused_by_the_parser(argv, message, tmp_path, cap
         analyze.main(["--dataset_dir", str(tmp_path), *argv])
     assert caught.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_weights_presets_and_checkpoint_sizes():
+    assert pipeline.weights_preprocessing("IMAGENET1K_V2") == pipeline.Preprocessing(232, 224, "bilinear")
+    assert pipeline.weights_preprocessing("IMAGENET1K_V1") == pipeline.Preprocessing(256, 224, "bilinear")
+    assert pipeline.model_preprocessing(None, 73, 64) == pipeline.Preprocessing(73, 64, "bilinear")
+    assert pipeline.model_preprocessing(pipeline.NO_WEIGHTS) == pipeline.Preprocessing(256, 224, "bilinear")
+    image = Image.fromarray(np.zeros((300, 400, 3), dtype=np.uint8))
+    assert pipeline.Preprocessing(73, 64).transform()(image).shape == (3, 64, 64)
+    assert pipeline.Preprocessing(73, 64).view()(image).size == (64, 64)
+
+
+@pytest.mark.parametrize("weights", [[], ["--weights", "IMAGENET1K_V2"]], ids=["default weights", "IMAGENET1K_V2"])
+def test_sizes_with_torchvision_weights_are_one_line(weights, tiny_imagenet, tmp_path, capsys):
+    err = _run_cli_error(["--dataset_dir", str(tiny_imagenet), *weights, "--crop_size", "64", "--output_dir", str(tmp_path / "out")], capsys)
+    assert "--resize_size/--crop_size are for --checkpoint and --weights none: ResNet50_Weights.IMAGENET1K_V" in err
+    assert "evaluated with Resize(" in err and not (tmp_path / "out").exists()
 
 
 def test_dataset_dir_is_required_without_demo(capsys):
@@ -257,3 +278,17 @@ def test_check_images_lists_every_unreadable_file_before_any_work(monkeypatch, t
     assert f"{dataset}/train/n02/n02_001.JPEG (OSError: " in err
     assert f"{dataset}/val/n01/n01_000.JPEG (UnidentifiedImageError: " in err
     assert not naming.factors_dir(tmp_path / "out", "imagenet", "identity").exists()
+
+
+def test_eigendecomposition_that_does_not_converge_is_one_line(monkeypatch, tiny_imagenet, tmp_path, capsys):
+    def degenerate(*args, **kwargs):
+        raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge because the input matrix is ill-conditioned")
+
+    monkeypatch.setattr(torch.linalg, "eigh", degenerate)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as caught:
+        analyze_in_process(monkeypatch, tiny_imagenet, tmp_path / "out", "--factor_strategy", "kfac")
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert caught.value.code == 2
+    assert err.startswith("analyze.py: error: the eigendecomposition of a covariance failed (linalg.eigh: The algorithm"), err
+    assert "use more images, a larger --crop_size" in err

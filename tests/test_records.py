@@ -5,15 +5,17 @@ short are recomputed, not reused."""
 from __future__ import annotations
 
 import copy
+import json
 import re
 
 import pytest
 import torch
 from PIL import Image
 
+import analyze
 import pipeline
 from conftest import small_problem, tiny_counts, write_image_folder
-from small_model_cli import analyze_in_process
+from small_model_cli import analyze_in_process, build_tiny_model
 from test_task import run_scores
 
 
@@ -37,7 +39,7 @@ def test_image_replaced_under_the_same_name_is_refused(monkeypatch, tmp_path, ca
 def test_changed_preprocessing_is_refused(monkeypatch, tmp_path, capsys):
     dataset = write_image_folder(tmp_path / "imagenet", tiny_counts())
     analyze_in_process(monkeypatch, dataset, tmp_path / "out")
-    monkeypatch.setattr(pipeline, "transform_description", lambda: "Compose(Resize(size=288), ...)")
+    monkeypatch.setattr(pipeline, "transform_description", lambda dataset: "Compose(Resize(size=288), ...)")
     capsys.readouterr()
     with pytest.raises(SystemExit):
         analyze_in_process(monkeypatch, dataset, tmp_path / "out")
@@ -57,3 +59,35 @@ def test_torn_result_files_are_recomputed_not_reused(tmp_path):
     again = run_scores(copy.deepcopy(model), train, query, tmp_path, strategy="ekfac", damping_factor=None)
     torch.testing.assert_close(again, first, rtol=1e-5, atol=0)
     assert len((analysis / "scores_ekfac" / "pairwise_scores.safetensors").read_bytes()) > 100
+
+
+def test_checkpoint_sizes_are_recorded_and_a_change_of_either_is_refused(monkeypatch, tmp_path, capsys):
+    dataset = write_image_folder(tmp_path / "imagenet", tiny_counts())
+    analyze_in_process(monkeypatch, dataset, tmp_path / "out", "--crop_size", "64", "--resize_size", "73")
+    record = json.loads((tmp_path / "out" / "imagenet" / "factors_identity" / "run_config.json").read_text())
+    assert "Resize(size=73, interpolation=bilinear" in record["depends_on"]["transform"]
+    assert "CenterCrop(size=(64, 64))" in record["depends_on"]["transform"]
+    assert record["resolved"]["preprocessing"] == {"resize_size": 73, "crop_size": 64, "interpolation": "bilinear"}
+    analyze_in_process(monkeypatch, dataset, tmp_path / "out", "--crop_size", "64", "--resize_size", "73")  # reused
+    for changed in (["--crop_size", "48", "--resize_size", "73"], ["--crop_size", "64", "--resize_size", "80"]):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as caught:
+            analyze_in_process(monkeypatch, dataset, tmp_path / "out", *changed)
+        err = capsys.readouterr().err
+        assert caught.value.code == 2 and "were computed with other settings (transform 'Compose(" in err, err
+
+
+def test_torchvision_weights_bring_their_own_preprocessing_and_record_it(monkeypatch, tmp_path):
+    """IMAGENET1K_V2 is evaluated with Resize(232); the run uses and records that (no download: the model is
+    replaced by a tiny one and the 1,000-class check by a no-op, the weights' metadata is local)."""
+    dataset = write_image_folder(tmp_path / "imagenet", tiny_counts())
+    monkeypatch.setattr(pipeline, "check_pretrained_classes", lambda dataset, weights: None)
+    monkeypatch.setattr(pipeline, "build_model", build_tiny_model)
+    analyze.main([
+        "--dataset_dir", str(dataset), "--weights", "IMAGENET1K_V2", "--num_workers", "0",
+        "--factor_strategy", "identity", "--num_queries", "2", "--output_dir", str(tmp_path / "out"),
+    ])
+    record = json.loads((tmp_path / "out" / "imagenet" / "scores_identity" / "run_config.json").read_text())
+    assert "Resize(size=232, interpolation=bilinear" in record["depends_on"]["transform"]
+    assert "CenterCrop(size=(224, 224))" in record["depends_on"]["transform"]
+    assert record["resolved"]["preprocessing"] == {"resize_size": 232, "crop_size": 224, "interpolation": "bilinear"}

@@ -1,0 +1,1 @@
+"""Measurements of whether the scores mean something (benchmarks/ measures speed)."""
