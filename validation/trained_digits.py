@@ -76,14 +76,14 @@ FULL = RunSize(
     name="trained_digits",
     layout=digits.DigitsLayout(seed=SEED, num_images=1000, val_per_class=8),
     strategies=STRATEGIES,
-    training=digits.Training(epochs=6),
+    training=digits.Training(epochs=10),
     factor_examples=300,
     preprocessing=pipeline.Preprocessing(resize_size=54, crop_size=48),
     low_ranks=(32, 8),
     removal_queries_per_class=1,
-    removal_per_query=10,
+    removal_per_query=5,
     self_influence_strategies=("identity", "diagonal"),
-    sampled_self_influence_strategies=("ekfac",),
+    sampled_self_influence_strategies=("ekfac", "kfac"),
     self_influence_sample=150,
 )
 QUICK = dataclasses.replace(
@@ -91,10 +91,9 @@ QUICK = dataclasses.replace(
     name="trained_digits_quick",
     layout=digits.DigitsLayout(seed=SEED, num_images=600, val_per_class=4),
     strategies=("identity", "diagonal", "ekfac"),
-    training=digits.Training(epochs=4),
     factor_examples=100,
     low_ranks=(32,),
-    removal_per_query=5,
+    sampled_self_influence_strategies=("ekfac",),
     self_influence_sample=40,
 )
 # The test suite's: the smallest run whose numbers still mean something (a few minutes).
@@ -201,6 +200,7 @@ def analyze_argv(data_dir: Path, checkpoint: Path, output_dir: Path, size: RunSi
         "--output_dir", str(output_dir), "--analysis_name", size.name, "--damping_factor", "heuristic",
         "--num_workers", "0", "--train_batch_size", str(ANALYSIS_BATCH_SIZE), "--profile",
         "--factor_examples", str(size.factor_examples),
+        "--overwrite",  # the analysis is this script's own: results of an earlier checkpoint are replaced, matching ones reused
     ]
 
 
@@ -239,7 +239,7 @@ def sampled_self_influence(strategy: str, size: RunSize, data_dir: Path, checkpo
     operations per image for ResNet-50 whatever the crop, so every image would not fit the time budget."""
     settings = AnalysisSettings(
         strategy=strategy, damping_factor=None, train_batch_size=ANALYSIS_BATCH_SIZE, num_workers=0,
-        output_dir=str(output_dir), analysis_name=size.name, factor_examples=size.factor_examples,
+        output_dir=str(output_dir), analysis_name=size.name, factor_examples=size.factor_examples, overwrite=True,
     )
     train = pipeline.get_imagenet_dataset("train", data_dir, preprocessing=size.preprocessing)
     sample = data.Subset(train, list(positions))
@@ -250,14 +250,16 @@ def sampled_self_influence(strategy: str, size: RunSize, data_dir: Path, checkpo
     return load_scores(path).clone()
 
 
-def draw_planted_grid(path: Path, self_scores: torch.Tensor, train_paths: Sequence[str], train_labels: torch.Tensor,
-                      record: Dict[str, Any], data_dir: Path, preprocessing: pipeline.Preprocessing, count: int) -> None:
-    """The `count` training images with the highest EKFAC self-influence, each captioned with its rank, its
-    folder label and, for a planted mislabel, PLANTED and its true digit."""
+def draw_planted_grid(path: Path, self_scores: torch.Tensor, positions: Sequence[int], train_paths: Sequence[str],
+                      train_labels: torch.Tensor, record: Dict[str, Any], data_dir: Path, preprocessing: pipeline.Preprocessing,
+                      count: int) -> None:
+    """The `count` training images with the highest EKFAC self-influence (`self_scores[i]` is that of the
+    training image at `positions[i]`), each captioned with its rank, training index, folder label and, for
+    a planted mislabel, PLANTED and its true digit."""
     from top_influences import draw_grid  # pylint: disable=import-outside-toplevel
 
     true_label = {entry["path"]: entry["true_label"] for entry in record["mislabels"]}
-    top = self_scores.topk(count).indices.tolist()
+    top = [positions[i] for i in self_scores.topk(count).indices.tolist()]
     cells: List[List[Optional[tuple]]] = []
     for rank, position in enumerate(top, 1):
         if (rank - 1) % SELF_GRID_COLUMNS == 0:
@@ -268,7 +270,7 @@ def draw_planted_grid(path: Path, self_scores: torch.Tensor, train_paths: Sequen
         cells[-1].append((str(data_dir / relative), caption))
     found = sum(train_paths[position] in true_label for position in top)
     draw_grid(path, cells, f"highest EKFAC self-influence on the digits: {found} of the top {count} are planted "
-              f"mislabels ({len(true_label)} planted among {len(train_paths)})", preprocessing.view())
+              f"mislabels ({len(true_label)} planted among the {len(positions)} scored)", preprocessing.view())
 
 
 def report_table(result: Dict[str, Any]) -> str:
@@ -353,8 +355,8 @@ def validate(size: RunSize, work_dir: Path, output_dir: Path, figure_dir: Path) 
         scores = sampled_self_influence(strategy, size, data_dir, checkpoint, output_dir, sample)
         detection[strategy] = mislabel_detection(scores, in_sample)
         if strategy == "ekfac":
-            draw_planted_grid(figure_paths(figure_dir, size)["self_influence"], scores, [train_paths[i] for i in sample],
-                              tensors["train_labels"][sample], record, data_dir, size.preprocessing, min(SELF_GRID_IMAGES, len(sample)))
+            draw_planted_grid(figure_paths(figure_dir, size)["self_influence"], scores, sample, train_paths,
+                              tensors["train_labels"], record, data_dir, size.preprocessing, min(SELF_GRID_IMAGES, len(sample)))
     removal = removal_test(size, pairwise["ekfac"], tensors, model, work_dir) if size.removal_per_query else None
     train_labels, query_labels = tensors["train_labels"], tensors["val_labels"]
     return {
@@ -398,7 +400,7 @@ def validate(size: RunSize, work_dir: Path, output_dir: Path, figure_dir: Path) 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help=f"A smaller run ({QUICK.layout.num_images} of the 1,797 scans, fewer ranks and a smaller removal test) that shows the direction of every number.")
+    parser.add_argument("--quick", action="store_true", help=f"A smaller run ({QUICK.layout.num_images} of the 1,797 scans, no KFAC, rank 32 only, {QUICK.self_influence_sample} sampled images for EKFAC self-influence): about 10 minutes on 2 cores instead of 28.")
     parser.add_argument("--json", type=Path, help="Also write the report as JSON to this file.")
     parser.add_argument("--work_dir", type=Path, help="Digits folder, checkpoints and step logs (default: data/trained_digits, or data/trained_digits_quick).")
     parser.add_argument("--output_dir", type=Path, default=Path(naming.DEFAULT_OUTPUT_DIR), help=f"analyze.py's --output_dir (default: {naming.DEFAULT_OUTPUT_DIR}); the analysis is named trained_digits[_quick].")
