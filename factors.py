@@ -16,7 +16,6 @@ from records import claim_results_dir, precision_record
 from settings import HALF_DTYPE, AnalysisSettings, uses_channels_last
 
 
-
 def factor_arguments(settings: AnalysisSettings) -> FactorArguments:
     if settings.use_half_precision:
         return all_low_precision_factor_arguments(strategy=settings.strategy, dtype=HALF_DTYPE)

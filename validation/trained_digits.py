@@ -33,7 +33,7 @@ import pipeline
 from cli import UserError, setup_logging, user_errors
 from query_batching_analysis import check_writable
 from factors import fit_factors
-from records import dataset_provenance
+from records import dataset_provenance, write_json_atomically
 from scoring import compute_self_scores, load_scores
 from settings import AnalysisSettings
 from task import make_analyzer
@@ -421,8 +421,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         result = validate(size, work_dir, args.output_dir.resolve(), args.figure_dir.resolve())
         print(report_table(result))
         if args.json is not None:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(result, indent=2) + "\n")
+            write_json_atomically(args.json, result)
             print(f"report: {args.json}")
     return result
 
