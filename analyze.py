@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=non_negative_int, default=0, help="Seed for every random choice (true-Fisher labels, randomised SVD) (default: 0).")
     parser.add_argument("--overwrite", action="store_true", help="Replace results on disk that were computed with other settings (finished matching results are still reused).")
     parser.add_argument("--profile", action="store_true", help="Print the per-phase timing table at the end.")
-    parser.add_argument("--factor_examples", type=positive_int, default=FACTOR_MAX_EXAMPLES, help=f"Training images the covariance and lambda factors are fitted on: all of them up to N, else N drawn at random with --seed (default: {FACTOR_MAX_EXAMPLES:,}, upstream's on ImageNet). Recorded with the factors.")
+    parser.add_argument("--factor_examples", type=positive_int, default=FACTOR_MAX_EXAMPLES, help=f"Training images the covariance and lambda factors are fitted on: all of them up to N, else N drawn at random with --seed (default and most: {FACTOR_MAX_EXAMPLES:,}, upstream's on ImageNet and kronfluence's cap). Recorded with the factors.")
     parser.add_argument("--score_partitions", type=positive_int, help=f"Parts the training set is scored in; each is saved when done, so an interrupted run loses at most one (default: one per {SCORE_PARTITION_EXAMPLES:,} training images).")
     parser.add_argument("--check_images", action="store_true", help="Decode every training and query image before the analysis starts and stop with the list of unreadable files (one pass over the data, with --num_workers processes).")
     parser.add_argument("--self_influence", action="store_true", help=f"Compute self-influence scores of every training image with the same factors (scores_STRATEGY[_half]{naming.SELF_SUFFIX}/{naming.SELF_SCORES_FILE}) INSTEAD of pairwise scores; run without it for pairwise scores (finished factors are reused either way). Not under torchrun on CPUs.")
@@ -119,6 +119,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error("--dataset_dir is required (or --demo for the offline demo)")
     if args.checkpoint is not None and args.weights is not None:
         parser.error("--checkpoint and --weights exclude each other")
+    if args.factor_examples > FACTOR_MAX_EXAMPLES:
+        # kronfluence's own cap (covariance_max_examples, lambda_max_examples) would silently keep the first 100,000.
+        parser.error(f"--factor_examples {args.factor_examples} is above kronfluence's cap of {FACTOR_MAX_EXAMPLES:,} fitted examples")
     problem = pipeline.check_preprocessing_sizes(args.resize_size, args.crop_size)
     if problem:
         parser.error(problem)
@@ -297,8 +300,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Path]:
                 # are so degenerate that eigh does not converge, even in float64.
                 raise UserError(
                     f"the eigendecomposition of a covariance failed ({str(error).splitlines()[0][:120]}): too few "
-                    "training images for the layers' sizes; use more images, a larger --crop_size, or --factor_strategy "
-                    "diagonal or identity; finished results are kept"
+                    "training images for the layers' sizes; raise --factor_examples, use more images or a larger --crop_size, "
+                    "or --factor_strategy diagonal or identity; finished results are kept"
                 ) from None
             except (OSError, SafetensorError) as error:
                 reason = write_failure(error)

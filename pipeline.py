@@ -84,7 +84,8 @@ def check_preprocessing_sizes(resize_size: Optional[int], crop_size: Optional[in
     resize = RESIZE_SIZE if resize_size is None else resize_size
     crop = CROP_SIZE if crop_size is None else crop_size
     if crop > resize:
-        return f"--crop_size {crop} is larger than --resize_size {resize}: the centre crop must fit in the resized image"
+        defaults = " (the default)" if resize_size is None else ""
+        return f"--crop_size {crop} is larger than --resize_size {resize}{defaults}: the centre crop must fit in the resized image"
     return None
 
 

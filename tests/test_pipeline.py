@@ -200,7 +200,8 @@ def test_bad_input_gives_one_line_and_writes_nothing(case, tiny_imagenet, tmp_pa
         (["--weights", "none", "--checkpoint", "x.pt"], "--checkpoint and --weights exclude each other"),
         (["--demo"], "--demo makes its own dataset"),
         (["--crop_size", "80", "--resize_size", "73"], "--crop_size 80 is larger than --resize_size 73"),
-        (["--crop_size", "300"], "--crop_size 300 is larger than --resize_size 256"),
+        (["--crop_size", "300"], "--crop_size 300 is larger than --resize_size 256 (the default)"),
+        (["--factor_examples", "100001"], "--factor_examples 100001 is above kronfluence's cap of 100,000"),
         (["--crop_size", "16"], "--crop_size 16 is below 32 pixels"),
         (["--resize_size", "31", "--crop_size", "31"], "--resize_size 31 is below 32 pixels"),
     ],
@@ -291,4 +292,4 @@ def test_eigendecomposition_that_does_not_converge_is_one_line(monkeypatch, tiny
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert caught.value.code == 2
     assert err.startswith("analyze.py: error: the eigendecomposition of a covariance failed (linalg.eigh: The algorithm"), err
-    assert "use more images, a larger --crop_size" in err
+    assert "raise --factor_examples, use more images or a larger --crop_size" in err

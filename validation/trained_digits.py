@@ -158,7 +158,7 @@ def trained_checkpoint(path: Path, images: torch.Tensor, labels: torch.Tensor, s
     partial = path.with_suffix(".partial")
     torch.save(model.state_dict(), partial)
     partial.replace(path)
-    record_path.write_text(json.dumps(record, indent=1))
+    write_json_atomically(record_path, record)
     return model
 
 
