@@ -420,6 +420,7 @@ def run_pairwise(
     for output in (table, summary):
         check_writable(output)
     drawn = queries[: args.num_figures]
+    view = recorded_preprocessing(record).view()  # the images as the model saw them, for every figure
     model = model_for_predictions(args, record) if drawn else None  # before the long part: its errors come first
 
     logger.info("top-%d helpful and harmful training images of %d queries from %s", args.top_k, len(queries), path)
@@ -444,7 +445,7 @@ def run_pairwise(
         if query_index in drawn and args.figure_top_k:
             figure = naming.top_influences_figure_path(args.figure_dir, analysis_name, name, query_index)
             shown = {kind: examples[: args.figure_top_k] for kind, examples in ranked.items()}
-            draw_query_figure(figure, query, predictions.get(query_index), shown, name, recorded_preprocessing(record).view())
+            draw_query_figure(figure, query, predictions.get(query_index), shown, name, view)
             entry["figure"] = str(figure)
             figures.append(str(figure))
         entries.append(entry)
