@@ -25,6 +25,7 @@ from torch.utils import data
 
 import demo
 import distributed
+import hardware
 import naming
 import pipeline
 from cli import UserError, non_negative_int, positive_int, setup_logging, user_errors
@@ -41,7 +42,6 @@ logger = logging.getLogger("analyze")
 
 HEURISTIC_DAMPING = "heuristic"
 DEMO_LOW_RANK = 32
-MAX_DEFAULT_WORKERS = 8
 
 
 def _damping(text: str) -> Optional[float]:
@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_queries", type=positive_int, help="Score the first N validation images (default: 1000; demo: all).")
     parser.add_argument("--use_half_precision", action="store_true", help="bfloat16 factors and scores (names get _half).")
     parser.add_argument("--damping_factor", type=_damping, default=argparse.SUPPRESS, help=f"Damping added to the Hessian approximation: a number, or '{HEURISTIC_DAMPING}' for 0.1 x mean eigenvalue (default: 1e-8; demo: heuristic).")
-    parser.add_argument("--num_workers", type=non_negative_int, help=f"DataLoader worker processes (default: CPU count, at most {MAX_DEFAULT_WORKERS}; demo 0).")
+    parser.add_argument("--num_workers", type=non_negative_int, help=f"DataLoader worker processes per process (default: the CPUs this process may use, shared among the processes torchrun starts on the node, at most {hardware.MAX_DEFAULT_WORKERS}; demo 0).")
+    parser.add_argument("--device", choices=hardware.DEVICE_CHOICES, default="auto", help="Where to compute: auto = the GPU when torch sees one, else the CPU (default: auto); cuda fails in one line without a usable GPU. The device is logged first thing.")
     add_speed_arguments(parser)
     parser.add_argument("--output_dir", type=Path, default=Path(naming.DEFAULT_OUTPUT_DIR), help="Where results go (default: influence_results).")
     parser.add_argument("--analysis_name", help="Sub-folder of --output_dir for this model and data (default: imagenet; demo: demo).")
@@ -138,18 +139,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         if getattr(args, key, None) is None and (key != "damping_factor" or not hasattr(args, key)):
             setattr(args, key, value)
     if args.num_workers is None:
-        args.num_workers = 0 if args.demo else default_num_workers()
+        args.num_workers = 0 if args.demo else hardware.default_num_workers(distributed.layout_from_env().local_world_size)
     if args.prefetch_factor is not None and args.num_workers == 0:
         parser.error("--prefetch_factor needs DataLoader workers (--num_workers > 0)")
     return args
 
 
-def default_num_workers() -> int:
-    """One DataLoader worker per CPU core, at most MAX_DEFAULT_WORKERS."""
-    return min(MAX_DEFAULT_WORKERS, os.cpu_count() or 1)
-
-
-def settings_from_args(args: argparse.Namespace) -> AnalysisSettings:
+def settings_from_args(args: argparse.Namespace, device: str) -> AnalysisSettings:
     return AnalysisSettings(
         strategy=args.factor_strategy,
         query_gradient_rank=args.query_gradient_rank,
@@ -161,6 +157,7 @@ def settings_from_args(args: argparse.Namespace) -> AnalysisSettings:
         damping_factor=args.damping_factor,
         num_workers=args.num_workers,
         **speed_settings(args),
+        device=device,
         output_dir=str(args.output_dir),
         analysis_name=args.analysis_name,
         seed=args.seed,
@@ -181,17 +178,22 @@ def _check_output_dir(output_dir: Path) -> None:
 
 def run(args: argparse.Namespace, layout: distributed.Layout) -> Dict[str, Path]:
     """Builds everything, runs the analysis; returns the score files, keyed by scores name."""
-    settings = settings_from_args(args)
+    device = hardware.resolve_device(args.device)
+    distributed.check_gpus_per_node(layout, device)
+    logger.info(hardware.describe_device(device, args.device))
+    hardware.check_gpu_capability(device)
+    settings = settings_from_args(args, device)
     _check_output_dir(Path(settings.output_dir))
-    set_tf32(settings.tf32)
+    set_tf32(settings.tf32, device)
+    hardware.make_repeatable(device)
     if args.checkpoint is not None:
         pipeline.check_checkpoint_path(args.checkpoint)
-    if args.self_influence and layout.distributed and not torch.cuda.is_available():
+    if args.self_influence and layout.distributed and device == "cpu":
         raise UserError(
             "--self_influence is not supported under torchrun on CPUs (kronfluence_gloo_shim does not cover "
             "self scores); run it as a single process, or on GPUs"
         )
-    distributed.init(layout, args.dist_timeout)
+    distributed.init(layout, device, args.dist_timeout)
     weights = args.weights
     if args.demo:
         args.dataset_dir = distributed.on_main(layout, demo.make_demo_dataset)
@@ -209,6 +211,7 @@ def run(args: argparse.Namespace, layout: distributed.Layout) -> Dict[str, Path]
     if args.self_influence:
         num_queries = 0  # no queries: val is only checked for its classes
     pipeline.check_datasets(train_dataset, val_dataset, num_queries)
+    hardware.warn_if_slow_on_cpu(device, len(train_dataset), args.demo)
     if settings.score_partitions is not None and settings.score_partitions > len(train_dataset):
         raise UserError(
             f"--score_partitions {settings.score_partitions} is more than the {len(train_dataset)} training images"

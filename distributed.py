@@ -18,6 +18,7 @@ from cli import UserError
 # Long enough for what the other ranks legitimately wait for while rank 0 works alone (eigendecomposition:
 # about 10 s on an A100 and 100 s on 2 CPU cores; writing a 5 GB score file: about 50 s).
 DEFAULT_TIMEOUT_S = 600
+NCCL_BLOCKING_WAIT = "TORCH_NCCL_BLOCKING_WAIT"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +26,7 @@ class Layout:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    local_world_size: int = 1  # processes on this node
 
     @property
     def is_main(self) -> bool:
@@ -39,16 +41,42 @@ def layout_from_env() -> Layout:
     """The layout torchrun describes in the environment (a single process when it is not set)."""
     if "WORLD_SIZE" not in os.environ:
         return Layout()
-    return Layout(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+    world_size = int(os.environ["WORLD_SIZE"])
+    return Layout(
+        int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", 0)),
+        int(os.environ.get("LOCAL_WORLD_SIZE", world_size)),
+    )
 
 
-def init(layout: Layout, timeout_s: int = DEFAULT_TIMEOUT_S) -> None:
+def check_gpus_per_node(layout: Layout, device: str) -> None:
+    """One process per GPU: more processes on a node than GPUs visible to them is one line on every rank,
+    not CUDA's 'invalid device ordinal' traceback from the ranks that find no GPU of their own."""
+    if device != "cuda" or not layout.distributed:
+        return
+    visible = torch.cuda.device_count()
+    if layout.local_world_size > visible:
+        hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise UserError(
+            f"torchrun started {layout.local_world_size} processes on this node but only {visible} GPU(s) are "
+            f"visible{f' (CUDA_VISIBLE_DEVICES={hidden})' if hidden is not None else ''}: use --nproc-per-node {visible}"
+        )
+
+
+def init(layout: Layout, device: str, timeout_s: int = DEFAULT_TIMEOUT_S) -> None:
     """Joins the process group before kronfluence looks for one. NCCL on GPUs, gloo (plus the kronfluence
-    shim) on the CPU."""
+    shim) on the CPU.
+
+    NCCL's default on a timed-out collective is a watchdog that aborts the process (SIGABRT and a C++ dump)
+    before any Python handler runs; with TORCH_NCCL_BLOCKING_WAIT=1 the waiting rank raises in Python
+    instead, so `analyze.main` can say in one line that it lost the other processes. Set only where the
+    user has not chosen otherwise; the collectives here are few (factors' all-reduce, scores' gather), so
+    waiting on the host costs nothing measurable. Unverified on a GPU so far (docs/reliability.md)."""
     if not layout.distributed or dist.is_initialized():
         return
     timeout = datetime.timedelta(seconds=timeout_s)
-    if torch.cuda.is_available():
+    if device == "cuda":
+        check_gpus_per_node(layout, device)
+        os.environ.setdefault(NCCL_BLOCKING_WAIT, "1")
         torch.cuda.set_device(layout.local_rank)
         dist.init_process_group(backend="nccl", timeout=timeout)
         return

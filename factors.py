@@ -57,7 +57,7 @@ def fit_factors(
         "use_half_precision": settings.use_half_precision,
         "seed": settings.seed,
         "factor_examples": len(fit_dataset),
-        **precision_record(),
+        **precision_record(settings.device),
         **provenance["train"],
     }
     batch_size = factor_batch_size(settings, analyzer)

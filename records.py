@@ -45,11 +45,11 @@ def dataset_provenance(train_dataset: data.Dataset, query_dataset: data.Dataset,
     return {"train": train, "query": {**train, **query}}
 
 
-def precision_record() -> Dict[str, str]:
+def precision_record(device: str) -> Dict[str, str]:
     """For `depends_on`: TF32 changes factors and scores (convolutions by 2-4% of the largest score on the
     demo data), so results computed with it are never mixed with float32 ones, nor TF32 matmuls alone with
     TF32 matmuls and convolutions. Nothing on the CPU, which has no TF32 whatever torch's switches say."""
-    if not torch.cuda.is_available():
+    if device != "cuda":
         return {}
     matmuls = torch.backends.cuda.matmul.fp32_precision == "tf32"
     convolutions = torch.backends.cudnn.conv.fp32_precision == "tf32"

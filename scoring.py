@@ -42,6 +42,9 @@ RESULT_NEUTRAL_SCORE_ARGUMENTS = {"query_gradient_accumulation_steps": None}
 # Share of the device's memory (host memory on the CPU) that gathered query gradients may take when the
 # number of query batches per pass over the training set is chosen automatically.
 QUERY_GRADIENT_MEMORY_FRACTION = 0.4
+# Share of the device's memory the training side and the gathered query gradients may take together: the
+# rest is the CUDA context, the model, the factors and the allocator's slack.
+USABLE_MEMORY_FRACTION = 0.85
 
 
 def query_gradient_bytes(model: nn.Module, rank: Optional[int], itemsize: int) -> int:
@@ -66,18 +69,58 @@ def device_memory_bytes(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def accumulation_steps(settings: AnalysisSettings, num_queries: int, query_bytes: int, memory_bytes: int, num_processes: int = 1) -> int:
+def training_side_bytes(model: nn.Module, example: torch.Tensor, batch_size: int, itemsize: int) -> int:
+    """Device memory the training side of pairwise scoring takes for one batch of `batch_size`, from one
+    forward pass of `example` (one image, without the batch dimension): what autograd keeps for the backward
+    pass, the copy of every Conv2d/Linear input that kronfluence keeps until the backward pass reaches the
+    layer, and the largest layer's per-example gradient with a convolution's unfolded input, which exist
+    one layer at a time. ResNet-50 at 224 px in float32: about 35 GB for a batch of 256 (tests/test_scoring.py)."""
+    model = getattr(model, "module", model)  # under DistributedDataParallel, the model itself
+    counts = {"saved": 0, "inputs": 0, "largest": 0}
+    saved_storages = set()
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        per_example = tensor.dim() > 0 and tensor.shape[0] == 1 and not isinstance(tensor, nn.Parameter)
+        if per_example and tensor.untyped_storage().data_ptr() not in saved_storages:
+            saved_storages.add(tensor.untyped_storage().data_ptr())
+            counts["saved"] += tensor.numel()
+        return tensor
+
+    def layer_hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+        counts["inputs"] += inputs[0].numel()
+        columns = module.weight[0].numel() + (1 if module.bias is not None else 0)
+        unfolded = module.weight[0].numel() * output[0, 0].numel() if isinstance(module, nn.Conv2d) else 0
+        counts["largest"] = max(counts["largest"], module.weight.shape[0] * columns + unfolded)
+
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    handles = [layer.register_forward_hook(layer_hook) for layer in layers]
+    try:
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            parameter = next(model.parameters())
+            model(example.unsqueeze(0).to(device=parameter.device, dtype=parameter.dtype).requires_grad_(True))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return batch_size * itemsize * (counts["saved"] + counts["inputs"] + counts["largest"])
+
+
+def accumulation_steps(
+    settings: AnalysisSettings, num_queries: int, query_bytes: int, memory_bytes: int, num_processes: int = 1,
+    training_bytes: int = 0,
+) -> int:
     """Query batches gathered before each pass over the training set: as many as fit in
-    QUERY_GRADIENT_MEMORY_FRACTION of `memory_bytes` (each query takes `query_bytes`; every process holds
-    all gathered queries), all of them if they fit, so that the training set is read as few times as
-    possible. Each pass recomputes every training gradient, so at full rank this is the largest saving
-    available. Full-rank scores are the same either way (each query's score is computed independently);
-    low-rank ones are not (see `query_batching_record`)."""
+    QUERY_GRADIENT_MEMORY_FRACTION of `memory_bytes`, and beside the training side's own `training_bytes`
+    in USABLE_MEMORY_FRACTION of it (each query takes `query_bytes`; every process holds all gathered
+    queries), all of them if they fit, so that the training set is read as few times as possible. Each pass
+    recomputes every training gradient, so at full rank this is the largest saving available. Full-rank
+    scores are the same either way (each query's score is computed independently); low-rank ones are not
+    (see `query_batching_record`)."""
     if settings.query_gradient_accumulation_steps is not None:
         return settings.query_gradient_accumulation_steps
     queries_per_step = settings.query_batch_size * num_processes
     all_steps = max(1, math.ceil(num_queries / queries_per_step))
-    fitting_queries = int(memory_bytes * QUERY_GRADIENT_MEMORY_FRACTION) // max(1, query_bytes)
+    budget = min(memory_bytes * QUERY_GRADIENT_MEMORY_FRACTION, memory_bytes * USABLE_MEMORY_FRACTION - training_bytes)
+    fitting_queries = max(0, int(budget)) // max(1, query_bytes)
     return max(1, min(all_steps, fitting_queries // queries_per_step))
 
 
@@ -121,7 +164,7 @@ def scores_depends_on(settings: AnalysisSettings, factors_record: Dict[str, Any]
         "factors_id": factors_record["id"],
         "damping_factor": settings.damping_factor,
         "use_half_precision": settings.use_half_precision,
-        **precision_record(),
+        **precision_record(settings.device),
     }
 
 
@@ -142,9 +185,12 @@ def compute_scores(
         **provenance["query"],
     }
     itemsize = torch.finfo(HALF_DTYPE if settings.use_half_precision else torch.float32).bits // 8
+    training_bytes = 0
+    if settings.query_gradient_accumulation_steps is None:
+        training_bytes = training_side_bytes(analyzer.model, train_dataset[0][0], settings.train_batch_size, itemsize)
     steps = accumulation_steps(
         settings, len(query_dataset), query_gradient_bytes(analyzer.model, settings.query_gradient_rank, itemsize),
-        device_memory_bytes(analyzer.state.device), analyzer.state.num_processes,
+        device_memory_bytes(analyzer.state.device), analyzer.state.num_processes, training_bytes,
     )
     depends_on.update(query_batching_record(settings, steps, analyzer.state.num_processes))
     partitions = score_partitions(settings, len(train_dataset))

@@ -58,8 +58,9 @@ class AnalysisSettings:
     pin_memory: bool = True  # only where there is a GPU to copy to
     persistent_workers: bool = True  # only with workers; keeps them across the passes over the training set
     prefetch_factor: Optional[int] = None  # batches each worker loads ahead (None: torch's default, 2)
-    channels_last: Optional[bool] = None  # None: on GPUs only (measured slower on the CPU, see docs/performance.md)
+    channels_last: Optional[bool] = None  # None: automatic, see uses_channels_last
     tf32: str = DEFAULT_TF32  # which float32 ops run in TF32, on GPUs that have it
+    device: str = "cpu"  # "cuda" or "cpu", decided once (hardware.resolve_device); kronfluence, layout and pinning follow it
     output_dir: str = naming.DEFAULT_OUTPUT_DIR
     analysis_name: str = naming.DEFAULT_ANALYSIS_NAME
     seed: int = 0
@@ -90,14 +91,14 @@ def rank_argument(text: str) -> Optional[int]:
     return value
 
 
-def set_tf32(choice: str) -> str:
+def set_tf32(choice: str, device: str) -> str:
     """Puts the TF32_CHOICES `choice` in force where the GPU has TF32 (compute capability 8+) and everything
     else in full float32, convolutions included (PyTorch's own defaults run them in TF32); returns the
-    choice in force ("off" without such a GPU). Set through torch's fp32_precision switches, not the legacy
+    choice in force ("off" on the CPU or without such a GPU). Set through torch's fp32_precision switches, not the legacy
     allow_tf32 flags (torch refuses a mix of the two)."""
     if choice not in TF32_CHOICES:
         raise ValueError(f"tf32 must be one of {TF32_CHOICES}, not {choice!r}")
-    available = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
+    available = device == "cuda" and torch.cuda.get_device_capability()[0] >= 8
     in_force = choice if available else "off"
     torch.backends.cuda.matmul.fp32_precision = "tf32" if in_force in ("matmuls", "all") else "ieee"
     torch.backends.cudnn.conv.fp32_precision = "tf32" if in_force == "all" else "ieee"
@@ -105,9 +106,13 @@ def set_tf32(choice: str) -> str:
 
 
 def uses_channels_last(settings: AnalysisSettings) -> bool:
-    """Channels-last by default on GPUs only: on the CPU kronfluence's covariance pass measured 14% slower
-    with it (docs/performance.md), although a plain ResNet-50 forward and backward is faster."""
-    return torch.cuda.is_available() if settings.channels_last is None else settings.channels_last
+    """Channels-last by default only where tensor cores run the convolutions: on a GPU in bfloat16 or with
+    TF32 convolutions (`--tf32 all`). In strict float32 NHWC gains nothing there and kronfluence's unfold
+    copies each layer's input back to NCHW; on the CPU the covariance pass measured 14% slower with it
+    (docs/performance.md). Unmeasured on a GPU so far."""
+    if settings.channels_last is not None:
+        return settings.channels_last
+    return settings.device == "cuda" and (settings.use_half_precision or settings.tf32 == "all")
 
 
 def dataloader_kwargs(settings: AnalysisSettings) -> DataLoaderKwargs:
@@ -117,7 +122,7 @@ def dataloader_kwargs(settings: AnalysisSettings) -> DataLoaderKwargs:
     workers = settings.num_workers > 0
     return DataLoaderKwargs(
         num_workers=settings.num_workers,
-        pin_memory=settings.pin_memory and torch.cuda.is_available(),
+        pin_memory=settings.pin_memory and settings.device == "cuda",
         persistent_workers=settings.persistent_workers and workers,
         prefetch_factor=settings.prefetch_factor if workers else None,
     )

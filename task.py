@@ -91,6 +91,7 @@ def make_analyzer(model: nn.Module, settings: AnalysisSettings) -> Any:
         profile=settings.profile,
         output_dir=settings.output_dir,
         log_level=logging.WARNING,
+        cpu=settings.device == "cpu",  # otherwise kronfluence moves everything to a GPU whenever one is visible
     )
     logging.getLogger().setLevel(root_level)  # kronfluence sets the root logger's level too, hiding ours
     analyzer.set_dataloader_kwargs(dataloader_kwargs(settings))

@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -35,9 +35,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 import analyze
+import hardware
 import naming
 import pipeline
-from cli import non_negative_int, positive_int, setup_logging, user_errors
+from cli import UserError, non_negative_int, positive_int, setup_logging, user_errors
 from factors import factor_arguments
 from scoring import accumulation_steps, device_memory_bytes, query_gradient_bytes, score_arguments
 from settings import FACTOR_MAX_EXAMPLES, AnalysisSettings, dataloader_kwargs, set_tf32, uses_channels_last
@@ -63,9 +64,12 @@ SEED_JOBS = {
         "Compute Pairwise Score": 2621.2, "Total": 3023.7}),
 }
 SEED_DDP_SECONDS = 3423.3  # four A100s, rank 32, float32
-# Dense peak FLOP/s from NVIDIA's data sheets (SXM parts unless named), keyed by a part of the device name.
+# Dense peak FLOP/s from NVIDIA's data sheets (SXM parts unless named), keyed by a part of the device name;
+# the first key found in the name wins, so the PCIe and NVL parts (lower clocks and power) come first.
 KNOWN_GPU_PEAKS = (
     ("H100 PCIe", {"float32": 51e12, "tf32": 378e12, "bfloat16": 756e12}),
+    ("H100 NVL", {"float32": 60e12, "tf32": 417.5e12, "bfloat16": 835.5e12}),
+    ("H200 NVL", {"float32": 60e12, "tf32": 417.5e12, "bfloat16": 835.5e12}),
     ("H100", {"float32": 67e12, "tf32": 494.7e12, "bfloat16": 989.4e12}),
     ("H200", {"float32": 67e12, "tf32": 494.7e12, "bfloat16": 989.4e12}),
     ("A100", {"float32": 19.5e12, "tf32": 156e12, "bfloat16": 312e12}),
@@ -135,8 +139,12 @@ def peak_host_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def peak_gpu_mb(device: torch.device) -> Optional[float]:
-    return torch.cuda.max_memory_allocated(device) / MIB if device.type == "cuda" else None
+def memory_peaks(device: torch.device) -> Tuple[float, Optional[float], Optional[float]]:
+    """Peak host memory, and the GPU's peaks of memory allocated to tensors and reserved by PyTorch's caching
+    allocator (what the GPU must really have: allocated plus the allocator's fragmentation), in MiB."""
+    if device.type != "cuda":
+        return peak_host_mb(), None, None
+    return peak_host_mb(), torch.cuda.max_memory_allocated(device) / MIB, torch.cuda.max_memory_reserved(device) / MIB
 
 
 def _inplace_addmm_flops(self_shape: Any, a_shape: Any, b_shape: Any, out_shape: Any = None, **kwargs: Any) -> int:
@@ -167,6 +175,10 @@ def measured_matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
 
 
 def _time(function: Callable[[], Any], device: torch.device) -> float:
+    """Seconds `function` takes on `device`, kernels included: work queued before it is finished first,
+    so that it is not billed to `function`."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     start = time.perf_counter()
     function()
     if device.type == "cuda":
@@ -221,7 +233,7 @@ class Bench:
                flops_per_example: Optional[float] = None, memory: Optional[tuple] = None, **extra: Any) -> Dict[str, Any]:
         """One phase's JSON object; `memory`: (host, GPU) peaks taken right after the timed run, before any
         counted run."""
-        host, gpu = memory or (peak_host_mb(), peak_gpu_mb(self.device))
+        host, gpu, gpu_reserved = memory or memory_peaks(self.device)
         rate = examples / seconds if examples else None
         achieved = flops_per_example * rate if flops_per_example and rate else None
         peak = self.peaks[precision] if precision else None
@@ -236,6 +248,7 @@ class Bench:
             "peak_host_mb": host,
             "peak_host_scope": "this phase" if self.clear_refs else "process lifetime",
             "peak_gpu_mb": gpu,
+            "peak_gpu_reserved_mb": gpu_reserved,
             "flops_per_example": flops_per_example,
             "achieved_flops_per_s": achieved,
             "peak_flops_per_s": peak,
@@ -292,7 +305,7 @@ def measure_factor_phase(bench: Bench, phase: str, precision: str, num_examples:
 
     bench.clear_refs = reset_peak_memory(bench.device)
     run(num_examples)
-    seconds, memory = bench.action_seconds(action), (peak_host_mb(), peak_gpu_mb(bench.device))
+    seconds, memory = bench.action_seconds(action), memory_peaks(bench.device)
     flops = count_flops(lambda: run(1))
     return bench.record(phase, precision, precision, seconds, num_examples, flops, memory)
 
@@ -350,7 +363,7 @@ def measure_scores(bench: Bench, rank: Optional[int], precision: str, num_train:
     with training_side(bench.device) as timed:
         run(num_train)
     total = bench.action_seconds("Compute Pairwise Score")
-    memory = (peak_host_mb(), peak_gpu_mb(bench.device))
+    memory = memory_peaks(bench.device)
     with training_side(bench.device, count=True) as counted:
         run(1)
     return bench.record("scores", score_variant(rank, precision), precision, timed["seconds"], num_train, counted["flops"], memory,
@@ -444,14 +457,24 @@ def phase_table(phases: List[Dict[str, Any]]) -> str:
 # ------------------------------------------------------------------------------------------- CLI
 
 
-def build_benchmark_model(seed: int) -> nn.Module:
-    """The analysis's ResNet-50 at random init: weights do not change the cost of any phase."""
-    return pipeline.build_model(weights=pipeline.NO_WEIGHTS, seed=seed)
+MODELS = ("resnet50", "small")
+
+
+def build_benchmark_model(name: str, seed: int) -> nn.Module:
+    """The analysis's ResNet-50 at random init (weights do not change the cost of any phase), or, to check
+    the benchmark's own workings in seconds, a small CNN whose numbers mean nothing for ImageNet."""
+    if name == "resnet50":
+        return pipeline.build_model(weights=pipeline.NO_WEIGHTS, seed=seed)
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, kernel_size=7, stride=16, padding=3), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 4)
+    ).eval()
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="Device to measure (default: cuda when present, else cpu).")
+    parser.add_argument("--model", choices=MODELS, default="resnet50", help="resnet50 (default), or small: a tiny CNN that checks the benchmark runs end to end in seconds (its numbers mean nothing).")
     parser.add_argument("--strategy", choices=("ekfac", "identity"), default="ekfac", help="ekfac (default), or identity to measure scoring alone without fitting factors: the training side of scoring costs the same, only the query side is preconditioned.")
     parser.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES), help="Phases to measure (default: all); lambda and scores need the eigendecomposition, which needs the covariance.")
     parser.add_argument("--precisions", nargs="+", choices=PRECISIONS, help="Precisions of the covariance, lambda and score phases (default: both on a GPU; float32 on the CPU, where bfloat16 without CPU bfloat16 instructions is about 50 times slower).")
@@ -461,8 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_queries", type=positive_int, default=4, help="Queries scored against them (default: 4).")
     parser.add_argument("--loading_images", type=positive_int, default=96, help="Images decoded per pass of a data-loading measurement (the folder is cycled) (default: 96).")
     parser.add_argument("--loading_passes", type=positive_int, default=2, help="Passes of one DataLoader over those images (default: 2).")
-    parser.add_argument("--loading_workers", nargs="+", type=non_negative_int, help=f"DataLoader worker counts to measure loading with (default: 0, 1 and the analysis's default, {analyze.default_num_workers()} here).")
-    parser.add_argument("--num_workers", type=non_negative_int, default=analyze.default_num_workers(), help=f"DataLoader workers in the compute phases (default: the analysis's, {analyze.default_num_workers()} here).")
+    parser.add_argument("--loading_workers", nargs="+", type=non_negative_int, help=f"DataLoader worker counts to measure loading with (default: 0, 1 and the analysis's default, {hardware.default_num_workers()} here).")
+    parser.add_argument("--num_workers", type=non_negative_int, default=hardware.default_num_workers(), help=f"DataLoader workers in the compute phases (default: the analysis's, {hardware.default_num_workers()} here).")
     parser.add_argument("--train_batch_size", type=positive_int, default=8, help="Training images per batch in every phase (default: 8).")
     parser.add_argument("--query_batch_size", type=positive_int, default=4, help="Queries per batch (default: 4).")
     analyze.add_speed_arguments(parser)
@@ -475,10 +498,11 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is visible")
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.device_choice = args.device
+    try:
+        args.device = hardware.resolve_device(args.device)
+    except UserError as error:
+        parser.error(str(error))
     if args.precisions is None:
         args.precisions = list(PRECISIONS) if args.device == "cuda" else ["float32"]
     chosen = set(args.phases)
@@ -506,16 +530,18 @@ def run(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
     settings = AnalysisSettings(
         strategy=args.strategy, query_batch_size=args.query_batch_size, train_batch_size=args.train_batch_size,
         damping_factor=None, num_workers=args.num_workers, output_dir=str(workdir / "results"), analysis_name="benchmark",
-        seed=SEED, profile=True, **analyze.speed_settings(args),
+        seed=SEED, profile=True, **analyze.speed_settings(args), device=device.type,
     )
-    tf32 = set_tf32(settings.tf32) if device.type == "cuda" else "off"
+    tf32 = set_tf32(settings.tf32, device.type)
+    hardware.make_repeatable(device.type)
+    print(hardware.describe_device(device.type, getattr(args, "device_choice", device.type)))
     try:
         per_class = math.ceil(args.num_train / args.num_classes)
         dataset_dir = make_synthetic_imagenet(workdir / "imagenet", args.num_classes, per_class, math.ceil(args.num_queries / args.num_classes))
         train = subset(pipeline.get_imagenet_dataset("train", dataset_dir), args.num_train)
         queries = subset(pipeline.get_imagenet_dataset("val", dataset_dir), args.num_queries)
         peaks = device_peaks(device, tf32 != "off")
-        model = build_benchmark_model(SEED)
+        model = build_benchmark_model(args.model, SEED)
         analyzer = make_analyzer(model, settings)
         bench = Bench(analyzer, settings, train, queries, device, peaks, False, args.num_queries)
         phases = measure_all(bench, args)
@@ -524,7 +550,7 @@ def run(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
             shutil.rmtree(workdir, ignore_errors=True)
     jobs = projection(bench, phases) if settings.strategy == "ekfac" else []  # the seed's jobs are EKFAC
     result = {
-        "device": peaks, "tf32": tf32, "channels_last": uses_channels_last(settings), "settings": {k: v for k, v in dataclasses.asdict(settings).items() if k not in ("output_dir",)},
+        "device": peaks, "model": args.model, "tf32": tf32, "channels_last": uses_channels_last(settings), "settings": {k: v for k, v in dataclasses.asdict(settings).items() if k not in ("output_dir",)},
         "sizes": {"num_train": args.num_train, "num_queries": args.num_queries, "loading_images": args.loading_images,
                   "loading_passes": args.loading_passes},
         "load_average": os.getloadavg(), "python": sys.version.split()[0], "torch": torch.__version__,
@@ -542,7 +568,7 @@ def measure_all(bench: Bench, args: argparse.Namespace) -> List[Dict[str, Any]]:
     chosen = set(args.phases)
     if "loading" in chosen:
         bench.train[0]  # the first decode loads PIL's JPEG plugin; no worker count should pay for it
-        workers = args.loading_workers or sorted({0, 1, analyze.default_num_workers()})
+        workers = args.loading_workers or sorted({0, 1, hardware.default_num_workers()})
         phases += [measure_loading(bench, w, args.loading_images, args.loading_passes) for w in workers]
     if "covariance" in chosen:
         phases += [measure_factor_phase(bench, "covariance", p, args.num_train) for p in args.precisions]

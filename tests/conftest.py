@@ -3,7 +3,15 @@ small CNN with an indexed tensor dataset for the tests that check the mathematic
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
+
+# The suite means the same on every machine: its tolerances are float32 ones (TF32 convolutions on a GPU
+# break them), its two-process tests use gloo on CPU slots (on a one-GPU machine NCCL and set_device(1)
+# would fail), so every GPU is hidden before torch is first imported; subprocesses inherit this. Tests that
+# need a GPU's behaviour simulate one with monkeypatched torch.cuda functions.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+from pathlib import Path  # noqa: E402  (after hiding the GPUs, like every import below)
 from typing import Dict, Sequence
 
 import numpy as np

@@ -175,3 +175,38 @@ def test_output_dir_that_cannot_be_created_is_one_line(monkeypatch, tmp_path, ca
         analyze_in_process(monkeypatch, dataset, tmp_path / "a_file" / "out")
     assert caught.value.code == 2
     assert "output directory" in capsys.readouterr().err
+
+
+def test_the_device_is_logged_first_and_a_long_cpu_run_warns(monkeypatch, tmp_path, capsys):
+    import hardware
+
+    dataset = write_image_folder(tmp_path / "imagenet", tiny_counts())
+    monkeypatch.setattr(hardware, "CPU_WARNING_IMAGES", 5)  # the folder's 6 training images count as long
+    analyze_in_process(monkeypatch, dataset, tmp_path / "out")
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("INFO device: CPU, ") and "no usable GPU: CUDA_VISIBLE_DEVICES is empty" in lines[0]
+    assert any(line.startswith("WARNING RUNNING ON THE CPU: 6 training images") for line in lines)
+
+
+def test_device_cuda_without_a_gpu_is_one_line_and_writes_nothing(monkeypatch, tmp_path, capsys):
+    dataset = write_image_folder(tmp_path / "imagenet", tiny_counts())
+    with pytest.raises(SystemExit) as caught:
+        analyze_in_process(monkeypatch, dataset, tmp_path / "out", "--device", "cuda")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert caught.value.code == 2 and err[-1].startswith("analyze.py: error: --device cuda: torch sees no usable GPU")
+    assert not (tmp_path / "out").exists()
+
+
+def test_more_processes_than_gpus_on_a_node_is_one_line(monkeypatch, tmp_path, capsys):
+    dataset = write_image_folder(tmp_path / "imagenet", tiny_counts())
+    for name, value in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(SystemExit) as caught:
+        analyze_in_process(monkeypatch, dataset, tmp_path / "out")
+    assert caught.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        "analyze.py: error: torchrun started 2 processes on this node but only 1 GPU(s) are visible "
+        "(CUDA_VISIBLE_DEVICES=): use --nproc-per-node 1"
+    )

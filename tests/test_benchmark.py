@@ -7,34 +7,21 @@ import json
 
 import pytest
 import torch
-from torch import nn
 
 import benchmarks.benchmark as benchmark
 
 REQUIRED_KEYS = ("phase", "device", "examples_per_s", "peak_host_mb", "flops_per_example", "peak_share")
 
 
-def _tiny_model(seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(3, 4, kernel_size=7, stride=16, padding=3), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 4)
-    ).eval()
-
-
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    monkeypatch = pytest.MonkeyPatch()
-    monkeypatch.setattr(benchmark, "build_benchmark_model", _tiny_model)
     out = tmp_path_factory.mktemp("benchmark") / "bench.json"
-    try:
-        result = benchmark.main([
-            "--device", "cpu", "--num_classes", "2", "--num_train", "4", "--num_queries", "2",
-            "--query_batch_size", "1", "--train_batch_size", "2", "--loading_images", "6",
-            "--loading_workers", "0", "1", "--num_workers", "0", "--precisions", "float32", "bfloat16",
-            "--json", str(out),
-        ])
-    finally:
-        monkeypatch.undo()
+    result = benchmark.main([
+        "--model", "small", "--device", "cpu", "--num_classes", "2", "--num_train", "4", "--num_queries", "2",
+        "--query_batch_size", "1", "--train_batch_size", "2", "--loading_images", "6",
+        "--loading_workers", "0", "1", "--num_workers", "0", "--precisions", "float32", "bfloat16",
+        "--json", str(out),
+    ])
     return result, json.loads(out.read_text())
 
 
@@ -62,7 +49,7 @@ def test_covariance_flops_are_the_forward_the_output_gradients_and_the_covarianc
     layer's output (no weight gradients) and, per layer, A^T A of the unfolded inputs (with a bias column)
     and G^T G of the output gradients, over every spatial position."""
     _, saved = tiny_run
-    model = _tiny_model(0)
+    model = benchmark.build_benchmark_model("small", 0)
     images = torch.randn(1, 3, 224, 224, requires_grad=True)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
@@ -114,3 +101,25 @@ def test_synthetic_folder_has_imagenet_layout_and_sizes(tmp_path):
     sizes = {Image.open(path).size for path in train}
     assert len(sizes) > 1 and sizes <= set(benchmark.IMAGENET_SIZES)
     assert min(path.stat().st_size for path in train) > 20_000  # photo-like JPEGs, not flat colour
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("NVIDIA H100 80GB HBM3", "H100"),
+    ("NVIDIA H100 NVL", "H100 NVL"),  # not the SXM part's peaks, 15-20% higher
+    ("NVIDIA H200 NVL", "H200 NVL"),
+    ("NVIDIA H200", "H200"),
+    ("NVIDIA H100 PCIe", "H100 PCIe"),
+    ("NVIDIA A100-SXM4-80GB", "A100"),
+])
+def test_gpu_peaks_match_the_named_part(monkeypatch, name, expected):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: name)
+    peaks = benchmark.device_peaks(torch.device("cuda"), tf32=False)
+    assert peaks["source"].startswith(f"NVIDIA data sheet, {expected} dense")
+    assert peaks["float32"] == dict(benchmark.KNOWN_GPU_PEAKS)[expected]["float32"]
+
+
+def test_timing_waits_for_queued_gpu_work_before_it_starts(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: calls.append("synchronize"))
+    benchmark._time(lambda: calls.append("work"), torch.device("cuda"))
+    assert calls == ["synchronize", "work", "synchronize"]

@@ -43,9 +43,9 @@ def test_paths_follow_kronfluence_layout(tmp_path):
 
 def test_command_line_flags_map_to_names():
     args = analyze.parse_args(["--dataset_dir", "x", "--query_gradient_rank", "32", "--use_half_precision"])
-    assert analyze.settings_from_args(args).scores_name == "ekfac_half_qlr32"
+    assert analyze.settings_from_args(args, "cpu").scores_name == "ekfac_half_qlr32"
     args = analyze.parse_args(["--dataset_dir", "x", "--query_gradient_rank", "-1"])
-    settings = analyze.settings_from_args(args)
+    settings = analyze.settings_from_args(args, "cpu")
     assert settings.query_gradient_rank is None and settings.scores_name == "ekfac"
     assert (settings.query_batch_size, settings.train_batch_size, args.num_queries) == (100, 256, 1000)
     assert settings.damping_factor == 1e-8

@@ -24,7 +24,7 @@ from safetensors import safe_open
 import naming
 from conftest import REPO_ROOT, SmallCNN, small_problem, tiny_counts, write_image_folder
 from records import discard_torn_files
-from scoring import PAIRWISE, SELF, accumulation_steps, query_gradient_bytes
+from scoring import PAIRWISE, SELF, accumulation_steps, query_gradient_bytes, training_side_bytes
 from settings import AnalysisSettings
 from small_model_cli import analyze_in_process
 from test_task import run_scores
@@ -235,6 +235,34 @@ def test_query_batches_gathered_per_pass_fit_the_memory():
     assert accumulation_steps(settings, 1000, query_bytes, 80 * GIB, num_processes=4) == 1
     explicit = AnalysisSettings(query_batch_size=100, query_gradient_accumulation_steps=7)
     assert accumulation_steps(explicit, 1000, query_bytes, 1000 * GIB) == 7
+
+
+def test_query_batches_leave_room_for_the_training_side():
+    settings = AnalysisSettings(query_batch_size=100)
+    query_bytes = 100 * 1024**2
+    # An 80 GiB GPU: training batch 256 (~33 GiB) leaves 0.85 x 80 - 33 = 35 GiB, more than 0.4 x 80 = 32.
+    assert accumulation_steps(settings, 1000, query_bytes, 80 * GIB, training_bytes=33 * GIB) == 3
+    # Batch 512 (~66 GiB) leaves 2 GiB: 20 queries, less than one batch, so one batch per pass.
+    assert accumulation_steps(settings, 1000, query_bytes, 80 * GIB, training_bytes=66 * GIB) == 1
+    # A 141 GiB H200 at batch 512: 0.85 x 141 - 66 = 53.85 GiB, capped at 0.4 x 141 = 56.4: 551 queries.
+    assert accumulation_steps(settings, 1000, query_bytes, 141 * GIB, training_bytes=66 * GIB) == 5
+    # A training side larger than the device: still one batch per pass (kronfluence then runs out of memory).
+    assert accumulation_steps(settings, 1000, query_bytes, 80 * GIB, training_bytes=100 * GIB) == 1
+
+
+def test_training_side_of_resnet50_at_224_px_is_what_a_batch_of_256_needs():
+    """One forward of one image: what autograd saves, kronfluence's copies of each layer's input, the
+    largest per-example gradient. ResNet-50 training at batch 256 in float32 is known to take 20-30 GB of
+    activations alone; the estimate adds kronfluence's input copies."""
+    from torchvision.models import resnet50
+
+    model = resnet50().eval()
+    one = training_side_bytes(model, torch.zeros(3, 224, 224), 1, 4)
+    assert training_side_bytes(model, torch.zeros(3, 224, 224), 256, 4) == 256 * one
+    assert 25e9 < 256 * one < 45e9
+    assert training_side_bytes(model, torch.zeros(3, 224, 224), 256, 2) == 128 * one  # bfloat16 halves it
+    assert training_side_bytes(model, torch.zeros(3, 112, 112), 1, 4) < one / 3  # a quarter of the pixels
+    assert all(parameter.grad is None for parameter in model.parameters())  # measured, nothing left behind
 
 
 def test_gathering_all_queries_gives_the_same_scores_as_one_pass_per_batch(tmp_path):

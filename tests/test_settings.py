@@ -20,11 +20,11 @@ from test_task import run_scores
 
 def test_flags_turn_each_setting_off(tmp_path):
     common = ["--dataset_dir", str(tmp_path)]
-    defaults = analyze.settings_from_args(analyze.parse_args(common))
+    defaults = analyze.settings_from_args(analyze.parse_args(common), "cpu")
     assert (defaults.channels_last, defaults.tf32, defaults.pin_memory, defaults.persistent_workers) == (None, "matmuls", True, True)
-    assert uses_channels_last(defaults) == torch.cuda.is_available()  # measured slower on the CPU
+    assert not uses_channels_last(defaults)  # measured slower on the CPU
     off = analyze.settings_from_args(analyze.parse_args(
-        [*common, "--channels_last", "off", "--tf32", "off", "--no_pin_memory", "--no_persistent_workers", "--num_workers", "3", "--prefetch_factor", "5"]))
+        [*common, "--channels_last", "off", "--tf32", "off", "--no_pin_memory", "--no_persistent_workers", "--num_workers", "3", "--prefetch_factor", "5"]), "cpu")
     assert (off.channels_last, off.tf32, off.pin_memory, off.persistent_workers, off.prefetch_factor) == (False, "off", False, False, 5)
 
 
@@ -34,10 +34,25 @@ def test_prefetch_without_workers_is_refused(tmp_path, capsys):
     assert exit_info.value.code == 2 and "--prefetch_factor needs" in capsys.readouterr().err
 
 
-def test_dataloader_kwargs_follow_the_settings_and_the_machine():
+@pytest.mark.parametrize("half, tf32, expected", [
+    (False, "matmuls", False),  # strict float32 convolutions: no tensor cores for NHWC to feed
+    (False, "off", False),
+    (False, "all", True),  # TF32 convolutions
+    (True, "matmuls", True),  # bfloat16
+])
+def test_channels_last_auto_only_where_tensor_cores_run_the_convolutions(half, tf32, expected):
+    settings = AnalysisSettings(device="cuda", use_half_precision=half, tf32=tf32)
+    assert uses_channels_last(settings) is expected
+    assert not uses_channels_last(AnalysisSettings(device="cpu", use_half_precision=half, tf32=tf32))
+    assert uses_channels_last(AnalysisSettings(device="cpu", channels_last=True))  # the flag wins
+
+
+def test_dataloader_kwargs_follow_the_settings_and_the_device():
     with_workers = dataloader_kwargs(AnalysisSettings(num_workers=2, prefetch_factor=4))
     assert with_workers.persistent_workers and with_workers.prefetch_factor == 4
-    assert with_workers.pin_memory == torch.cuda.is_available()  # pinning only helps copies to a GPU
+    assert not with_workers.pin_memory  # pinning only helps copies to a GPU
+    assert dataloader_kwargs(AnalysisSettings(device="cuda")).pin_memory
+    assert not dataloader_kwargs(AnalysisSettings(device="cuda", pin_memory=False)).pin_memory
     assert not dataloader_kwargs(AnalysisSettings(num_workers=2, persistent_workers=False)).persistent_workers
     without = dataloader_kwargs(AnalysisSettings(num_workers=0, prefetch_factor=4))
     assert not without.persistent_workers and without.prefetch_factor is None  # torch refuses both without workers
@@ -62,14 +77,13 @@ def test_channels_last_converts_the_model_and_the_images():
     assert task._layout(torch.randn(2, 3, 8, 8)).is_contiguous(memory_format=torch.channels_last)
 
 
-def test_tf32_is_off_without_a_gpu_that_has_it_and_is_then_not_recorded():
-    if torch.cuda.is_available():
-        pytest.skip("checks the CPU behaviour")
+def test_tf32_is_off_on_the_cpu_and_is_then_not_recorded(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU in the machine, a CPU run
     for choice in TF32_CHOICES:
-        assert set_tf32(choice) == "off"
-        assert precision_record() == {}
+        assert set_tf32(choice, "cpu") == "off"
+        assert precision_record("cpu") == {}
     with pytest.raises(ValueError, match="tf32"):
-        set_tf32("on")
+        set_tf32("on", "cpu")
 
 
 @pytest.fixture
@@ -87,11 +101,10 @@ def precision_switches():
     ((7, 0), "all", {}),  # a V100: no TF32
 ])
 def test_tf32_choice_sets_torch_switches_and_is_recorded_on_a_gpu(monkeypatch, precision_switches, capability, choice, record):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: capability)
-    in_force = set_tf32(choice)
+    in_force = set_tf32(choice, "cuda")
     assert in_force == (choice if capability[0] >= 8 else "off")
     # Convolutions leave PyTorch's default (TF32) unless asked for: they are what moves the scores.
     assert torch.backends.cudnn.conv.fp32_precision == ("tf32" if in_force == "all" else "ieee")
     assert torch.backends.cuda.matmul.fp32_precision == ("ieee" if in_force == "off" else "tf32")
-    assert precision_record() == record
+    assert precision_record("cuda") == record

@@ -9,10 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import small_problem
+from conftest import SmallCNN, small_problem
 from factors import fit_factors
 from scoring import compute_scores, load_scores
 from settings import AnalysisSettings
+import task
 from task import ClassificationTask, make_analyzer, sample_labels
 
 
@@ -136,3 +137,23 @@ def test_same_seed_same_scores_other_seed_other_scores(tmp_path):
     assert not torch.allclose(runs[0], runs[2], rtol=1e-4, atol=0)
 
 
+
+
+@pytest.mark.parametrize("device, cpu", [("cpu", True), ("cuda", False)])
+def test_kronfluence_computes_on_the_device_decided_for_the_run(monkeypatch, device, cpu):
+    """Without cpu=True kronfluence moves everything to a GPU whenever one is visible, whatever the run
+    decided (`--device cpu` on a GPU machine)."""
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def analyzer(**kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(task, "Analyzer", analyzer)
+    with pytest.raises(Stop):
+        make_analyzer(SmallCNN(), AnalysisSettings(device=device, output_dir="unused"))
+    assert seen["cpu"] is cpu
