@@ -179,7 +179,7 @@ def _check_output_dir(output_dir: Path) -> None:
 def run(args: argparse.Namespace, layout: distributed.Layout) -> Dict[str, Path]:
     """Builds everything, runs the analysis; returns the score files, keyed by scores name."""
     device = hardware.resolve_device(args.device)
-    distributed.check_gpus_per_node(layout, device)
+    distributed.check_process_layout(layout, device)
     logger.info(hardware.describe_device(device, args.device))
     hardware.check_gpu_capability(device)
     settings = settings_from_args(args, device)

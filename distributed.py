@@ -48,10 +48,18 @@ def layout_from_env() -> Layout:
     )
 
 
-def check_gpus_per_node(layout: Layout, device: str) -> None:
+def check_process_layout(layout: Layout, device: str) -> None:
     """One process per GPU: more processes on a node than GPUs visible to them is one line on every rank,
-    not CUDA's 'invalid device ordinal' traceback from the ranks that find no GPU of their own."""
-    if device != "cuda" or not layout.distributed:
+    not CUDA's 'invalid device ordinal' traceback from the ranks that find no GPU of their own. Several CPU
+    processes on a machine with GPUs are refused too: kronfluence would put each on a GPU regardless."""
+    if not layout.distributed:
+        return
+    if device == "cpu":
+        if torch.cuda.is_available():
+            raise UserError(
+                "--device cpu under torchrun on a machine with GPUs: kronfluence would still compute on them; "
+                "hide them with CUDA_VISIBLE_DEVICES= to run CPU processes"
+            )
         return
     visible = torch.cuda.device_count()
     if layout.local_world_size > visible:
@@ -75,7 +83,6 @@ def init(layout: Layout, device: str, timeout_s: int = DEFAULT_TIMEOUT_S) -> Non
         return
     timeout = datetime.timedelta(seconds=timeout_s)
     if device == "cuda":
-        check_gpus_per_node(layout, device)
         os.environ.setdefault(NCCL_BLOCKING_WAIT, "1")
         torch.cuda.set_device(layout.local_rank)
         dist.init_process_group(backend="nccl", timeout=timeout)

@@ -91,7 +91,10 @@ def make_analyzer(model: nn.Module, settings: AnalysisSettings) -> Any:
         profile=settings.profile,
         output_dir=settings.output_dir,
         log_level=logging.WARNING,
-        cpu=settings.device == "cpu",  # otherwise kronfluence moves everything to a GPU whenever one is visible
+        # Otherwise kronfluence moves everything to a GPU whenever one is visible. Not with the CPU process
+        # group's DDP wrapper, which kronfluence refuses with cpu=True (it needs no GPU hidden: see
+        # distributed.check_process_layout).
+        cpu=settings.device == "cpu" and not distributed.uses_gloo(),
     )
     logging.getLogger().setLevel(root_level)  # kronfluence sets the root logger's level too, hiding ours
     analyzer.set_dataloader_kwargs(dataloader_kwargs(settings))

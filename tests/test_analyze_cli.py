@@ -210,3 +210,14 @@ def test_more_processes_than_gpus_on_a_node_is_one_line(monkeypatch, tmp_path, c
         "analyze.py: error: torchrun started 2 processes on this node but only 1 GPU(s) are visible "
         "(CUDA_VISIBLE_DEVICES=): use --nproc-per-node 1"
     )
+
+
+def test_cpu_processes_under_torchrun_on_a_gpu_machine_are_one_line(monkeypatch, tmp_path, capsys):
+    dataset = write_image_folder(tmp_path / "imagenet", tiny_counts())
+    for name, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(SystemExit) as caught:
+        analyze_in_process(monkeypatch, dataset, tmp_path / "out", "--device", "cpu")
+    assert caught.value.code == 2
+    assert "hide them with CUDA_VISIBLE_DEVICES=" in capsys.readouterr().err
