@@ -1,6 +1,7 @@
 """The driver, the file to open first: the command line, the settings it resolves to, and `run`, which
 builds the model and the data (pipeline.py), wraps them in kronfluence (task.py), fits the factors
-(factors.py) and computes pairwise scores between the first `--num_queries` validation images and every
+(factors.py) and computes pairwise scores between the query images (validation images chosen by
+queries.py, or a folder of the user's own) and every
 training image (scoring.py; full rank, or low-rank query gradients with query batching; float32 or
 bfloat16), or with `--self_influence` the self-influence score of every training image instead. Finished
 factors and scores are reused when the same command is run again; results computed with other settings
@@ -26,6 +27,8 @@ from torch.utils import data
 import demo
 import distributed
 import hardware
+import layouts
+import queries
 import naming
 import pipeline
 from cli import UserError, non_negative_int, positive_int, setup_logging, user_errors
@@ -68,7 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train_batch_size", type=positive_int, help="Training images per batch when scoring (default: 256; demo 8).")
     parser.add_argument("--factor_batch_size", type=positive_int, help="Training images per batch when fitting factors (default: searched on one GPU, else --train_batch_size).")
     parser.add_argument("--query_gradient_accumulation_steps", type=positive_int, help="Query batches gathered per pass over the training set (default: all of them with a low rank, 1 at full rank).")
-    parser.add_argument("--num_queries", type=positive_int, help="Score the first N validation images (default: 1000; demo: all).")
+    parser.add_argument("--num_queries", type=positive_int, help="Score N validation images, chosen by --query_selection (default: 1000; demo: all).")
+    parser.add_argument("--query_selection", choices=queries.SELECTIONS, default="first", help="Which validation images are the queries: the first N in folder order (the default, upstream's: the first 20 classes on ImageNet), per_class (an equal number from each class, across all classes), or random (drawn with --seed).")
+    parser.add_argument("--query_files", type=Path, help="A text file naming the query images, one per line: validation image paths (absolute, relative to val/, or a file name) or indices; instead of --num_queries and --query_selection.")
+    parser.add_argument("--query_dir", type=Path, help="Any folder of images as queries (your own photos): class subfolders named by wnid or class index give the labels; without them each image's label is the model's own prediction (marked as predicted in the results).")
     parser.add_argument("--use_half_precision", action="store_true", help="bfloat16 factors and scores (names get _half).")
     parser.add_argument("--damping_factor", type=_damping, default=argparse.SUPPRESS, help=f"Damping added to the Hessian approximation: a number, or '{HEURISTIC_DAMPING}' for 0.1 x mean eigenvalue (default: 1e-8; demo: heuristic).")
     parser.add_argument("--num_workers", type=non_negative_int, help=f"DataLoader worker processes per process (default: the CPUs this process may use, shared among the processes torchrun starts on the node, at most {hardware.MAX_DEFAULT_WORKERS}; demo 0).")
@@ -126,15 +132,26 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     problem = pipeline.check_preprocessing_sizes(args.resize_size, args.crop_size)
     if problem:
         parser.error(problem)
+    if args.query_files is not None and args.query_dir is not None:
+        parser.error("--query_files and --query_dir exclude each other")
+    if (args.query_files is not None or args.query_dir is not None) and args.query_selection != "first":
+        parser.error("--query_selection chooses among validation images; drop it with --query_files or --query_dir")
+    if args.query_files is not None and args.num_queries is not None:
+        parser.error("--query_files names the queries; drop --num_queries")
     if args.self_influence:
         query_flags = {"--num_queries": args.num_queries, "--query_batch_size": args.query_batch_size,
+                       "--query_files": args.query_files, "--query_dir": args.query_dir,
+                       "--query_selection": None if args.query_selection == "first" else args.query_selection,
                        "--query_gradient_rank": args.query_gradient_rank,
                        "--query_gradient_accumulation_steps": args.query_gradient_accumulation_steps}
         given = [flag for flag, value in query_flags.items() if value is not None]
         if given:
             parser.error(f"--self_influence scores the training set against itself (full rank); drop {', '.join(given)}")
     defaults = DEMO_DEFAULTS if args.demo else SEED_DEFAULTS
+    chosen_queries = args.query_files is not None or args.query_dir is not None
     for key, value in defaults.items():
+        if key == "num_queries" and chosen_queries:
+            continue  # the file or folder says how many
         # `--damping_factor` is absent when not given: its None already means the heuristic.
         if getattr(args, key, None) is None and (key != "damping_factor" or not hasattr(args, key)):
             setattr(args, key, value)
@@ -204,12 +221,13 @@ def run(args: argparse.Namespace, layout: distributed.Layout) -> Dict[str, Path]
         weights = pipeline.DEFAULT_WEIGHTS
     preprocessing = pipeline.model_preprocessing(weights if args.checkpoint is None else None, args.resize_size, args.crop_size)
     dataset_dir = Path(args.dataset_dir)
+    distributed.on_main(layout, lambda: layouts.prepare_archives(dataset_dir))  # ImageNet's archives, unpacked once
     # Cheap folder checks come before the model is built.
     train_dataset = pipeline.get_imagenet_dataset("train", dataset_dir, preprocessing=preprocessing)
     val_dataset = pipeline.get_imagenet_dataset("val", dataset_dir, preprocessing=preprocessing)
     num_queries = args.num_queries if args.num_queries is not None else len(val_dataset)
-    if args.self_influence:
-        num_queries = 0  # no queries: val is only checked for its classes
+    if args.self_influence or args.query_files is not None or args.query_dir is not None:
+        num_queries = 0  # val is only checked for its classes here; the queries are checked where chosen
     pipeline.check_datasets(train_dataset, val_dataset, num_queries)
     hardware.warn_if_slow_on_cpu(device, len(train_dataset), args.demo)
     if settings.score_partitions is not None and settings.score_partitions > len(train_dataset):
@@ -220,7 +238,12 @@ def run(args: argparse.Namespace, layout: distributed.Layout) -> Dict[str, Path]
         pipeline.check_pretrained_classes(train_dataset, weights)
     model = pipeline.build_model(weights=weights, checkpoint=args.checkpoint, seed=args.seed)
     pipeline.check_model_fits_classes(train_dataset, model)
-    query_dataset = data.Subset(val_dataset, list(range(num_queries)))
+    classes = pipeline.base_image_folder(train_dataset).classes
+    if args.self_influence:
+        query_dataset, query_record = data.Subset(val_dataset, []), None
+    else:
+        query_dataset, query_record = queries.query_dataset(args, val_dataset, classes, model, preprocessing)
+    num_queries = len(query_dataset)
     if args.check_images:
         paths = pipeline.image_paths([train_dataset, query_dataset])
         unreadable = pipeline.unreadable_images(paths[layout.rank :: layout.world_size], settings.num_workers)
@@ -231,6 +254,11 @@ def run(args: argparse.Namespace, layout: distributed.Layout) -> Dict[str, Path]
     else:
         model_source = f"weights:{weights}"
     provenance = dataset_provenance(train_dataset, query_dataset, model_source)
+    if query_record is not None:
+        provenance["query"]["query_selection"] = query_record["selection"]  # a changed choice is named on rerun
+        if query_record["label_source"] == queries.LABEL_PREDICTED:
+            provenance["query"]["query_labels"] = queries.LABEL_PREDICTED
+        provenance["queries"] = query_record
     provenance["inputs"] = {  # where things were, for the record (results depend on the transform, recorded above)
         "dataset_dir": str(dataset_dir.resolve()),
         "checkpoint": str(args.checkpoint.resolve()) if args.checkpoint is not None else None,

@@ -1,7 +1,7 @@
 """Builds what an influence analysis needs, from explicit arguments and nothing else: the torchvision
 ResNet-50 (pretrained weights through torchvision's weights API, a local checkpoint, or random init) and
-the ImageNet train/val datasets (torchvision ImageFolder over DATASET_DIR/{train,val}/<wnid>/*) with the
-evaluation transform. Every problem a user can fix (a missing folder, an empty class, a checkpoint that
+the ImageNet train/val datasets (torchvision ImageFolder over the folders layouts.py finds in
+DATASET_DIR, or a list of labelled files for a flat val) with the evaluation transform. Every problem a user can fix (a missing folder, an empty class, a checkpoint that
 is not a ResNet-50) is raised as a one-line `cli.UserError` before any heavy work starts."""
 
 from __future__ import annotations
@@ -19,11 +19,13 @@ from PIL import Image
 from torch import nn
 from torch.utils import data
 from torchvision import transforms
-from torchvision.datasets import ImageFolder
+from torchvision.datasets import ImageFolder, VisionDataset
+from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader
 from torchvision.models import ResNet50_Weights, resnet50
 from torchvision.transforms import InterpolationMode
 from tqdm.auto import tqdm
 
+import layouts
 from cli import UserError
 
 logger = logging.getLogger(__name__)
@@ -142,6 +144,22 @@ class IndexedImageFolder(ImageFolder):
         return image, label, index
 
 
+class ImageList(IndexedImageFolder):
+    """An IndexedImageFolder over given `(path, class index)` samples instead of a scan of class folders: a
+    flat validation folder labelled by the devkit or a CSV, or the query images a user chose. `root` is
+    the folder the paths are recorded relative to."""
+
+    def __init__(self, root: str | Path, samples: Sequence[Tuple[str, int]], classes: Sequence[str], transform: Any = None) -> None:
+        VisionDataset.__init__(self, str(root), transform=transform)
+        self.loader = default_loader
+        self.extensions = IMG_EXTENSIONS
+        self.classes = list(classes)
+        self.class_to_idx = {name: index for index, name in enumerate(self.classes)}
+        self.samples = [(str(path), int(label)) for path, label in samples]
+        self.imgs = self.samples
+        self.targets = [label for _, label in self.samples]
+
+
 class _ImageCheck(data.Dataset):
     """Items are `read_image_error` of each file, so a DataLoader checks images in parallel."""
 
@@ -191,23 +209,22 @@ def get_imagenet_dataset(
     indices: Optional[Sequence[int]] = None,
     preprocessing: Preprocessing = Preprocessing(),
 ) -> data.Dataset:
-    """The `split` ("train" or "val") of an ImageNet-layout folder, `preprocessing` applied.
+    """The `split` ("train" or "val") of ImageNet in any layout `layouts.find_layout` knows, `preprocessing`
+    applied; a flat val is listed in the order class folders would give.
 
     With `indices`, only those examples (a `Subset`; items keep their index in the full folder).
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
-    dataset_dir = Path(dataset_dir)
-    if not dataset_dir.is_dir():
-        raise UserError(f"dataset directory {dataset_dir} does not exist")
-    split_dir = dataset_dir / split
-    if not split_dir.is_dir():
-        raise UserError(
-            f"{split_dir} is missing: the dataset directory must hold {'/ and '.join(SPLITS)}/, "
-            "each with one folder per class (val sorted into class folders)"
-        )
+    layout = layouts.find_layout(Path(dataset_dir))
+    split_dir = layout.train_dir if split == "train" else layout.val_dir
     try:
-        dataset = IndexedImageFolder(str(split_dir), transform=preprocessing.transform())
+        if split == "val" and layout.labels_file is not None:
+            classes, _ = ImageFolder.find_classes(str(layout.train_dir))
+            samples = [(str(split_dir / name), label) for name, label in layouts.class_labels(layout, classes)]
+            dataset = ImageList(split_dir, samples, classes, transform=preprocessing.transform())
+        else:
+            dataset = IndexedImageFolder(str(split_dir), transform=preprocessing.transform())
     except FileNotFoundError as error:
         # ImageFolder's own message names the class folders without images; a user needs the path too.
         raise UserError(f"{split_dir}: {error}") from None
@@ -292,19 +309,24 @@ def file_sha256(path: Path) -> str:
 
 
 def samples_fingerprint(dataset: data.Dataset) -> str:
-    """sha256 of the dataset's (file path relative to its split folder, label, file size in bytes) list, in
-    order: changes when images are added, removed, renamed, relabelled or replaced by other content (which
-    for compressed images all but always has another size), not when the folder moves. One `stat` per
-    file: seconds for ImageNet's 1.28M files on a local disk."""
+    """sha256 of the dataset's (`<class>/<file path below the class folder>`, label, file size in bytes)
+    list, in order: changes when images are added, removed, renamed, relabelled or replaced by other content
+    (which for compressed images all but always has another size), not when the folder moves, nor between
+    layouts: a flat val file `F` of class `C` counts as `C/F`, its path had it been sorted into class
+    folders. One `stat` per file: seconds for ImageNet's 1.28M files on a local disk."""
     digest = hashlib.sha256()
-    prefix = len(os.path.join(base_image_folder(dataset).root, ""))  # string slicing: ImageNet has 1.28M files
+    folder = base_image_folder(dataset)
+    prefix = len(os.path.join(folder.root, ""))  # string slicing: ImageNet has 1.28M files
+    class_prefixes = [f"{name}/" for name in folder.classes]
     for position in range(len(dataset)):
         path, label = example_path(dataset, position)
         try:
             size = os.path.getsize(path)
         except OSError as error:
             raise UserError(f"cannot read {path} ({error.strerror}); did the dataset change during the run?") from None
-        digest.update(f"{path[prefix:]}\t{label}\t{size}\n".encode())
+        relative = path[prefix:]
+        key = relative if relative.startswith(class_prefixes[label]) else class_prefixes[label] + relative
+        digest.update(f"{key}\t{label}\t{size}\n".encode())
     return digest.hexdigest()
 
 

@@ -200,6 +200,7 @@ def compute_scores(
         "score_partitions": partitions,
         "channels_last": uses_channels_last(settings),
         **provenance.get("inputs", {}),
+        "queries": provenance.get("queries"),  # which images the rows are: queries.recorded_queries reads it back
     }
     distributed.on_main(layout, lambda: claim_results_dir(directory, depends_on, settings, "scores", resolved))
 

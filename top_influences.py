@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import io
 import json
 import logging
@@ -28,9 +29,11 @@ from torchvision import transforms
 from torchvision.models import ResNet50_Weights
 from tqdm import tqdm
 
+import layouts
 import naming
 import pipeline
 from cli import UserError, non_negative_int, positive_int, setup_logging, user_errors
+from queries import LABEL_PREDICTED, recorded_queries
 from query_batching_analysis import ScoreFile, check_writable, open_score_file, read_rows
 from records import dataset_provenance
 from settings import FULL_RANK, STRATEGIES, rank_argument
@@ -39,7 +42,7 @@ PROG = "top_influences.py"
 logger = logging.getLogger(PROG)
 
 HELPFUL, HARMFUL = "helpful", "harmful"
-CSV_COLUMNS = ("query_index", "query_path", "kind", "rank", "train_index", "train_path", "label", "score")
+CSV_COLUMNS = ("query_index", "query_path", "query_label", "query_label_source", "kind", "rank", "train_index", "train_path", "label", "score")
 SELF_CSV_COLUMNS = ("rank", "train_index", "train_path", "label", "score")
 DEFAULT_TOP_K = 10
 DEFAULT_FIGURE_TOP_K = 5
@@ -138,9 +141,13 @@ def read_self_scores(path: Path) -> torch.Tensor:
 # ------------------------------------------------------------------------------------ datasets, model
 
 
-def class_names(classes: Sequence[str]) -> List[str]:
-    """`wnid readable name` when the folder has torchvision's 1,000 ImageNet classes (their readable names
-    are in the weights' metadata, available without downloading the weights), else the folder names."""
+def class_names(classes: Sequence[str], dataset_dir: Optional[Path] = None) -> List[str]:
+    """`wnid readable name` from the dataset's devkit or Kaggle synset mapping where it has one, else from
+    torchvision's weights' metadata when the folder has its 1,000 ImageNet classes (available without
+    downloading the weights), else the folder names."""
+    readable = layouts.readable_names(layouts.find_layout(dataset_dir)) if dataset_dir is not None else {}
+    if readable:
+        return [f"{wnid} {readable[wnid]}" if wnid in readable else wnid for wnid in classes]
     categories = ResNet50_Weights[pipeline.DEFAULT_WEIGHTS].meta["categories"]
     if len(classes) != len(categories):
         return list(classes)
@@ -406,7 +413,9 @@ def run_pairwise(
     args: argparse.Namespace, path: Path, record: Optional[Dict[str, Any]], train: data.Dataset, val: data.Dataset, names: List[str]
 ) -> Dict[str, Any]:
     score_file = open_score_file(path, "--scores")
-    if score_file.num_train != len(train) or score_file.num_queries > len(val):
+    recorded = (record or {}).get("resolved", {}).get("queries") or {}
+    too_few_val = "root" not in recorded and score_file.num_queries > len(val)  # the queries are validation images
+    if score_file.num_train != len(train) or too_few_val:
         raise UserError(
             f"{path} holds {score_file.num_queries} x {score_file.num_train} scores (queries x training images) but "
             f"{args.dataset_dir} has {len(val)} validation and {len(train)} training images; pass the --dataset_dir the scores were computed on"
@@ -414,7 +423,10 @@ def run_pairwise(
     queries = args.queries if args.queries is not None else list(range(score_file.num_queries))
     if max(queries) >= score_file.num_queries:
         raise UserError(f"--queries {max(queries)} is not among the {score_file.num_queries} queries in {path}")
-    query_set = data.Subset(val, list(range(score_file.num_queries)))
+    classes = pipeline.base_image_folder(train).classes
+    query_set, label_source = recorded_queries(record, val, classes, recorded_preprocessing(record), score_file.num_queries)
+    if len(query_set) != score_file.num_queries:
+        raise UserError(f"{path} holds scores of {score_file.num_queries} queries but its record names {len(query_set)}")
     check_same_images(record, train, query_set, args.dataset_dir, self_influence=False)
     table, summary = naming.top_influences_tables(args.results_dir or path.parent, self_influence=False)
     for output in (table, summary):
@@ -436,16 +448,18 @@ def run_pairwise(
             kind: [(describe(train, names, index), score) for score, index in zip(*found[query_index][kind])]
             for kind in (HELPFUL, HARMFUL)
         }
-        entry = {"query_index": query_index, "query_path": query.path, "label": query.label}
+        entry = {"query_index": query_index, "query_path": query.path, "label": query.label, "label_source": label_source}
         if query_index in predictions:
             entry["prediction"] = predictions[query_index]
         for kind, examples in ranked.items():
             entry[kind] = [_entry(rank, example, score) for rank, (example, score) in enumerate(examples, 1)]
-            rows += [{"query_index": query_index, "query_path": query.path, "kind": kind, **item} for item in entry[kind]]
+            rows += [{"query_index": query_index, "query_path": query.path, "query_label": query.label,
+                      "query_label_source": label_source, "kind": kind, **item} for item in entry[kind]]
         if query_index in drawn and args.figure_top_k:
             figure = naming.top_influences_figure_path(args.figure_dir, analysis_name, name, query_index)
             shown = {kind: examples[: args.figure_top_k] for kind, examples in ranked.items()}
-            draw_query_figure(figure, query, predictions.get(query_index), shown, name, view)
+            shown_query = query if label_source != LABEL_PREDICTED else dataclasses.replace(query, label=f"{query.label} (predicted)")
+            draw_query_figure(figure, shown_query, predictions.get(query_index), shown, name, view)
             entry["figure"] = str(figure)
             figures.append(str(figure))
         entries.append(entry)
@@ -512,7 +526,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         record = load_record(path)
         preprocessing = recorded_preprocessing(record)
         train = pipeline.get_imagenet_dataset("train", args.dataset_dir, preprocessing=preprocessing)
-        names = class_names(pipeline.base_image_folder(train).classes)
+        names = class_names(pipeline.base_image_folder(train).classes, args.dataset_dir)
         if args.self_influence:
             return run_self(args, path, record, train, names)
         val = pipeline.get_imagenet_dataset("val", args.dataset_dir, preprocessing=preprocessing)

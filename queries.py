@@ -1,0 +1,186 @@
+"""Which images the scores are computed for (the queries): validation images chosen by a rule
+(`--query_selection first|per_class|random`), listed in a file (`--query_files`), or any folder of images
+(`--query_dir`, labelled by class subfolders or, without them, by the model's own prediction). The
+choice is described in one record that analyze.py keeps with the scores, so that the scripts reading
+the scores name the same images."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils import data
+
+import layouts
+import pipeline
+from cli import UserError
+
+SELECTIONS = ("first", "per_class", "random")
+LABEL_FROM_FOLDER = "folder"
+LABEL_PREDICTED = "predicted"
+PREDICTION_BATCH = 32
+
+
+def select_positions(labels: Sequence[int], num_queries: int, selection: str, seed: int) -> List[int]:
+    """Positions of `num_queries` validation images: the first ones in folder order, an equal number
+    from each class (the first images of every class, then the second ones, ..., so that 1,000 queries
+    over 1,000 classes are one per class), or a random draw by `seed`. Returned in folder order."""
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection must be one of {SELECTIONS}, not {selection!r}")
+    if num_queries > len(labels):
+        raise UserError(f"the validation set has {len(labels)} images, fewer than the {num_queries} queries asked for (--num_queries)")
+    if selection == "first":
+        return list(range(num_queries))
+    if selection == "random":
+        return sorted(np.random.default_rng(seed).choice(len(labels), size=num_queries, replace=False).tolist())
+    by_class: Dict[int, List[int]] = {}
+    for position, label in enumerate(labels):
+        by_class.setdefault(label, []).append(position)
+    chosen: List[int] = []
+    round_index = 0
+    while len(chosen) < num_queries:
+        for label in sorted(by_class):
+            members = by_class[label]
+            if round_index < len(members) and len(chosen) < num_queries:
+                chosen.append(members[round_index])
+        round_index += 1
+    return sorted(chosen)
+
+
+def positions_from_file(path: Path, val: data.Dataset) -> List[int]:
+    """Positions of the validation images a text file names, one per line: an index into the validation
+    set, or a file path (absolute, relative to the val folder, or a bare file name when that is unique).
+    Blank lines and `#` comments are skipped; the order is the file's."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"--query_files: cannot read {path} ({error})") from None
+    folder = pipeline.base_image_folder(val)
+    by_path = {os.path.normpath(sample_path): position for position, (sample_path, _) in enumerate(folder.samples)}
+    by_name: Dict[str, List[int]] = {}
+    for position, (sample_path, _) in enumerate(folder.samples):
+        by_name.setdefault(os.path.basename(sample_path), []).append(position)
+    positions: List[int] = []
+    for number, raw in enumerate(lines, 1):
+        entry = raw.split("#", 1)[0].strip()
+        if not entry:
+            continue
+        if entry.isdigit():
+            position = int(entry)
+            if position >= len(folder.samples):
+                raise UserError(f"{path}:{number}: index {position} is beyond the {len(folder.samples)} validation images")
+        else:
+            candidates = [os.path.normpath(entry), os.path.normpath(os.path.join(folder.root, entry))]
+            found = [by_path[candidate] for candidate in candidates if candidate in by_path]
+            if not found and len(by_name.get(entry, [])) == 1:
+                found = by_name[entry]
+            if not found:
+                raise UserError(f"{path}:{number}: {entry} is not a validation image in {folder.root}")
+            position = found[0]
+        if position in positions:
+            raise UserError(f"{path}:{number}: {entry} is listed twice")
+        positions.append(position)
+    if not positions:
+        raise UserError(f"{path} names no validation image")
+    return positions
+
+
+def folder_samples(query_dir: Path, classes: Sequence[str]) -> Tuple[List[Tuple[str, int]], bool]:
+    """The images of `query_dir`, sorted by path: with class subfolders (named by wnid, or by class index)
+    each takes its folder's label; without any, every label is -1 (to be predicted). Returns the samples
+    and whether they are labelled."""
+    query_dir = Path(query_dir)
+    if not query_dir.is_dir():
+        raise UserError(f"--query_dir {query_dir} is not a folder")
+    class_to_idx = {name: index for index, name in enumerate(classes)}
+    samples: List[Tuple[str, int]] = []
+    subfolders = sorted(entry.name for entry in os.scandir(query_dir) if entry.is_dir())
+    loose = sorted(entry.name for entry in os.scandir(query_dir) if entry.is_file() and layouts.is_image(entry.name))
+    if subfolders and loose:
+        raise UserError(f"--query_dir {query_dir} mixes images ({loose[0]}) and class folders ({subfolders[0]}): use one or the other")
+    if not subfolders:
+        samples = [(str(query_dir / name), -1) for name in loose]
+    for name in subfolders:
+        if name in class_to_idx:
+            label = class_to_idx[name]
+        elif name.isdigit() and int(name) < len(classes):
+            label = int(name)
+        else:
+            raise UserError(
+                f"--query_dir: {query_dir / name} is not a class: name class folders by wnid (e.g. {classes[0]}) or "
+                f"class index (0-{len(classes) - 1})"
+            )
+        for root, _, files in sorted(os.walk(query_dir / name)):
+            samples += [(os.path.join(root, file), label) for file in sorted(files) if layouts.is_image(file)]
+    if not samples:
+        raise UserError(f"--query_dir {query_dir} holds no images")
+    return samples, bool(subfolders)
+
+
+@torch.no_grad()
+def predicted_labels(model: nn.Module, dataset: data.Dataset) -> List[int]:
+    """The model's own prediction for each image, the label of an unlabeled query (its margin is then the
+    confidence of that prediction)."""
+    model.eval()
+    labels: List[int] = []
+    for images, _, _ in data.DataLoader(dataset, batch_size=PREDICTION_BATCH):
+        labels += model(images).argmax(dim=-1).tolist()
+    return labels
+
+
+def query_dataset(
+    args: Any, val: data.Dataset, classes: Sequence[str], model: nn.Module, preprocessing: pipeline.Preprocessing
+) -> Tuple[data.Dataset, Dict[str, Any]]:
+    """The queries the flags ask for, and the record of them kept with the scores."""
+    if args.query_dir is not None:
+        samples, labelled = folder_samples(args.query_dir, classes)
+        dataset = pipeline.ImageList(Path(args.query_dir).resolve(), samples, classes, preprocessing.transform())
+        if not labelled:
+            dataset = pipeline.ImageList(
+                dataset.root, [(path, label) for (path, _), label in zip(samples, predicted_labels(model, dataset))],
+                classes, preprocessing.transform(),
+            )
+        if args.num_queries is not None and args.num_queries < len(dataset):
+            dataset = data.Subset(dataset, list(range(args.num_queries)))
+        return dataset, {
+            "selection": "query_dir", "root": str(dataset_root(dataset)),
+            "files": [os.path.relpath(pipeline.example_path(dataset, i)[0], dataset_root(dataset)) for i in range(len(dataset))],
+            "labels": [pipeline.example_path(dataset, i)[1] for i in range(len(dataset))],
+            "label_source": LABEL_FROM_FOLDER if labelled else LABEL_PREDICTED,
+        }
+    if args.query_files is not None:
+        positions = positions_from_file(args.query_files, val)
+        selection = "query_files"
+    else:
+        num_queries = args.num_queries if args.num_queries is not None else len(val)
+        positions = select_positions(pipeline.base_image_folder(val).targets, num_queries, args.query_selection, args.seed)
+        selection = args.query_selection
+    return data.Subset(val, positions), {"selection": selection, "val_positions": positions, "label_source": LABEL_FROM_FOLDER}
+
+
+def dataset_root(dataset: data.Dataset) -> Path:
+    return Path(pipeline.base_image_folder(dataset).root)
+
+
+def recorded_queries(record: Optional[Dict[str, Any]], val: Optional[data.Dataset], classes: Sequence[str],
+                     preprocessing: pipeline.Preprocessing, num_queries: int) -> Tuple[data.Dataset, str]:
+    """The query images a score file was computed for, from its record (records from before queries were
+    recorded mean the first `num_queries` validation images), and where their labels came from."""
+    chosen = (record or {}).get("resolved", {}).get("queries")
+    if chosen is None or "val_positions" in chosen:
+        if val is None:
+            raise UserError("the scores' queries are validation images, but no validation set was given")
+        positions = chosen["val_positions"] if chosen else list(range(num_queries))
+        if positions and max(positions) >= len(val):
+            raise UserError(f"the scores' queries include validation image {max(positions)}, beyond the {len(val)} found")
+        return data.Subset(val, positions), LABEL_FROM_FOLDER
+    root = Path(chosen["root"])
+    samples = [(str(root / file), label) for file, label in zip(chosen["files"], chosen["labels"])]
+    missing = [path for path, _ in samples if not os.path.isfile(path)]
+    if missing:
+        raise UserError(f"the scores' query image {missing[0]} is missing ({len(missing)} of {len(samples)} are)")
+    return pipeline.ImageList(root, samples, classes, preprocessing.transform()), chosen["label_source"]
