@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--use_half_precision", action="store_true", help="bfloat16 factors and scores (names get _half).")
     parser.add_argument("--damping_factor", type=_damping, default=argparse.SUPPRESS, help=f"Damping added to the Hessian approximation: a number, or '{HEURISTIC_DAMPING}' for 0.1 x mean eigenvalue (default: 1e-8; demo: heuristic).")
     parser.add_argument("--num_workers", type=non_negative_int, help=f"DataLoader worker processes per process (default: the CPUs this process may use, shared among the processes torchrun starts on the node, at most {hardware.MAX_DEFAULT_WORKERS}; demo 0).")
-    parser.add_argument("--device", choices=hardware.DEVICE_CHOICES, default="auto", help="Where to compute: auto = the GPU when torch sees one, else the CPU (default: auto); cuda fails in one line without a usable GPU. The device is logged first thing.")
+    parser.add_argument("--device", choices=hardware.DEVICE_CHOICES, default="auto", help="Where to compute: auto = the GPU when torch sees one, else the CPU (default: auto); cuda fails in one line without a usable GPU. The device is logged before any work starts.")
     add_speed_arguments(parser)
     parser.add_argument("--output_dir", type=Path, default=Path(naming.DEFAULT_OUTPUT_DIR), help="Where results go (default: influence_results).")
     parser.add_argument("--analysis_name", help="Sub-folder of --output_dir for this model and data (default: imagenet; demo: demo).")
@@ -197,7 +197,6 @@ def run(args: argparse.Namespace, layout: distributed.Layout) -> Dict[str, Path]
     """Builds everything, runs the analysis; returns the score files, keyed by scores name."""
     device = hardware.resolve_device(args.device)
     distributed.check_process_layout(layout, device)
-    logger.info(hardware.describe_device(device, args.device))
     hardware.check_gpu_capability(device)
     settings = settings_from_args(args, device)
     _check_output_dir(Path(settings.output_dir))
@@ -229,7 +228,6 @@ def run(args: argparse.Namespace, layout: distributed.Layout) -> Dict[str, Path]
     if args.self_influence or args.query_files is not None or args.query_dir is not None:
         num_queries = 0  # val is only checked for its classes here; the queries are checked where chosen
     pipeline.check_datasets(train_dataset, val_dataset, num_queries)
-    hardware.warn_if_slow_on_cpu(device, len(train_dataset), args.demo)
     if settings.score_partitions is not None and settings.score_partitions > len(train_dataset):
         raise UserError(
             f"--score_partitions {settings.score_partitions} is more than the {len(train_dataset)} training images"
@@ -264,6 +262,9 @@ def run(args: argparse.Namespace, layout: distributed.Layout) -> Dict[str, Path]
         "checkpoint": str(args.checkpoint.resolve()) if args.checkpoint is not None else None,
         "preprocessing": dataclasses.asdict(preprocessing),  # its parameters, for the scripts that read results
     }
+    # The input checks are done (their errors stay one line on stderr): what the work will run on, first.
+    logger.info(hardware.describe_device(device, args.device))
+    hardware.warn_if_slow_on_cpu(device, len(train_dataset), args.demo)
     logger.info(
         "%s: %d training images, %d queries, strategy %s, %s, %s%s",
         model_source, len(train_dataset), num_queries, settings.strategy,

@@ -1,6 +1,6 @@
 """The machine a run uses: which device (one decision, made once and passed down in the settings), what that
-device is (logged at the start of every run, so a GPU machine that silently fell back to the CPU shows in
-the first lines of its log), how many CPUs this process may use (sizes the DataLoader workers), and the
+device is (logged before every run's work starts, so a GPU machine that silently fell back to the CPU
+shows at the top of its log), how many CPUs this process may use (sizes the DataLoader workers), and the
 cuDNN switches that make GPU runs repeatable."""
 
 from __future__ import annotations

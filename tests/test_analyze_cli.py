@@ -177,15 +177,17 @@ def test_output_dir_that_cannot_be_created_is_one_line(monkeypatch, tmp_path, ca
     assert "output directory" in capsys.readouterr().err
 
 
-def test_the_device_is_logged_first_and_a_long_cpu_run_warns(monkeypatch, tmp_path, capsys):
+def test_the_device_is_logged_before_any_work_and_a_long_cpu_run_warns(monkeypatch, tmp_path, capsys):
     import hardware
 
     dataset = write_image_folder(tmp_path / "imagenet", tiny_counts())
     monkeypatch.setattr(hardware, "CPU_WARNING_IMAGES", 5)  # the folder's 6 training images count as long
     analyze_in_process(monkeypatch, dataset, tmp_path / "out")
-    lines = capsys.readouterr().err.splitlines()
-    assert lines[0].startswith("INFO device: CPU, ") and "no usable GPU: CUDA_VISIBLE_DEVICES is empty" in lines[0]
-    assert any(line.startswith("WARNING RUNNING ON THE CPU: 6 training images") for line in lines)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith(("INFO", "WARNING"))]
+    device = next(i for i, line in enumerate(lines) if line.startswith("INFO device: "))
+    assert lines[device].startswith("INFO device: CPU, ") and "no usable GPU: CUDA_VISIBLE_DEVICES is empty" in lines[device]
+    assert lines[device + 1].startswith("WARNING RUNNING ON THE CPU: 6 training images")
+    assert "6 training images, 2 queries" in lines[device + 2]  # then the work starts
 
 
 def test_device_cuda_without_a_gpu_is_one_line_and_writes_nothing(monkeypatch, tmp_path, capsys):
