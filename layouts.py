@@ -57,6 +57,11 @@ class DataLayout:
     names_file: Optional[Path] = None  # readable class names: the devkit or Kaggle's synset mapping
 
 
+def _reason(error: BaseException) -> str:
+    """An exception as one short line (tarfile's messages can span several)."""
+    return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0].rstrip(':')}"
+
+
 def is_image(name: str) -> bool:
     return name.lower().endswith(IMG_EXTENSIONS)
 
@@ -74,12 +79,19 @@ def archives_present(dataset_dir: Path) -> List[str]:
     return [name for name in ARCHIVES if (dataset_dir / name).exists()]
 
 
+def needs_unpacking(dataset_dir: Path) -> bool:
+    """Image archives here and no train/ and val/ folders beside them (unpacked by us or by hand)."""
+    has_images = any((dataset_dir / name).exists() for name in (TRAIN_ARCHIVE, VAL_ARCHIVE))
+    unpacked = (dataset_dir / PREPARED_MARKER).exists() or ((dataset_dir / "train").is_dir() and (dataset_dir / "val").is_dir())
+    return has_images and not unpacked
+
+
 def find_layout(dataset_dir: Path) -> DataLayout:
     """The layout of `dataset_dir`, or one line saying what is missing."""
     dataset_dir = Path(dataset_dir)
     if not dataset_dir.is_dir():
         raise UserError(f"dataset directory {dataset_dir} does not exist")
-    if archives_present(dataset_dir) and not (dataset_dir / PREPARED_MARKER).exists():
+    if needs_unpacking(dataset_dir):
         raise UserError(
             f"{dataset_dir} holds ImageNet's archives, not yet unpacked: `analyze.py --dataset_dir {dataset_dir}` "
             "unpacks them once"
@@ -118,7 +130,7 @@ def _devkit_members(devkit: Path) -> Tuple[bytes, bytes]:
                     if member.isfile() and member.name.endswith(suffix):
                         wanted[suffix] = archive.extractfile(member).read()
     except (tarfile.TarError, OSError, EOFError) as error:
-        raise UserError(f"{devkit} is not a readable devkit archive ({type(error).__name__}: {error})") from None
+        raise UserError(f"{devkit} is not a readable devkit archive ({_reason(error)})") from None
     missing = [name for name, content in wanted.items() if content is None]
     if missing:
         raise UserError(f"{devkit} lacks {', '.join(missing)}: not ImageNet 2012's devkit")
@@ -208,9 +220,9 @@ def prepare_archives(dataset_dir: Path) -> bool:
     the devkit, which stays an archive), once: into a staging folder first, renamed when complete, so an
     interrupted preparation starts again instead of leaving half a dataset. Returns whether it worked."""
     dataset_dir = Path(dataset_dir)
-    present = archives_present(dataset_dir) if dataset_dir.is_dir() else []
-    if not present or (dataset_dir / PREPARED_MARKER).exists():
+    if not dataset_dir.is_dir() or not needs_unpacking(dataset_dir):
         return False
+    present = archives_present(dataset_dir)
     missing = [name for name in ARCHIVES if name not in present]
     if missing:
         raise UserError(f"{dataset_dir} holds {', '.join(present)} but not {', '.join(missing)}: ImageNet's three archives are needed")
@@ -218,7 +230,7 @@ def prepare_archives(dataset_dir: Path) -> bool:
         _check_archive(dataset_dir / name)
     _devkit_members(dataset_dir / DEVKIT_ARCHIVE)
     for split in ("train", "val"):
-        if (dataset_dir / split).exists():
+        if (dataset_dir / split).exists():  # one of them only: half a dataset unpacked by hand
             raise UserError(f"{dataset_dir / split} already exists beside the archives: move it away to unpack them")
     need = sum((dataset_dir / name).stat().st_size for name in (TRAIN_ARCHIVE, VAL_ARCHIVE))
     free = shutil.disk_usage(dataset_dir).free
@@ -256,7 +268,7 @@ def _unpack(archive_path: Path, target: Path, what: str, fileobj: Optional[io.Bu
                     archive.extract(member, target, filter="data")
                     count += 1
     except (tarfile.TarError, EOFError) as error:
-        raise UserError(f"{archive_path} cannot be unpacked ({type(error).__name__}: {error}); download it again") from None
+        raise UserError(f"{archive_path} cannot be unpacked ({_reason(error)}); download it again") from None
     return count
 
 
@@ -273,7 +285,7 @@ def _unpack_train(archive_path: Path, target: Path) -> None:
                 (target / wnid).mkdir()
                 _unpack(archive_path, target / wnid, wnid, fileobj=outer.extractfile(member))
     except (tarfile.TarError, EOFError) as error:
-        raise UserError(f"{archive_path} cannot be unpacked ({type(error).__name__}: {error}); download it again") from None
+        raise UserError(f"{archive_path} cannot be unpacked ({_reason(error)}); download it again") from None
 
 
 def class_labels(layout: DataLayout, classes: Sequence[str]) -> List[Tuple[str, int]]:

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils import data
 from torchvision import transforms
 from torchvision.datasets import ImageFolder, VisionDataset
-from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader
+from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader, find_classes
 from torchvision.models import ResNet50_Weights, resnet50
 from torchvision.transforms import InterpolationMode
 from tqdm.auto import tqdm
@@ -220,7 +220,7 @@ def get_imagenet_dataset(
     split_dir = layout.train_dir if split == "train" else layout.val_dir
     try:
         if split == "val" and layout.labels_file is not None:
-            classes, _ = ImageFolder.find_classes(str(layout.train_dir))
+            classes, _ = find_classes(str(layout.train_dir))
             samples = [(str(split_dir / name), label) for name, label in layouts.class_labels(layout, classes)]
             dataset = ImageList(split_dir, samples, classes, transform=preprocessing.transform())
         else:

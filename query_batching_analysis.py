@@ -15,7 +15,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ from naming import (
     DEMO_ANALYSIS_NAME,
     DEFAULT_OUTPUT_DIR,
     PAIRWISE_SCORES_FILE,
+    RUN_CONFIG_FILE,
     SCORES_KEY,
     pairwise_scores_path,
     rank_from_scores_name,
@@ -101,6 +102,16 @@ def file_rank(path: Path, metadata: Dict[str, str]) -> Optional[int]:
     name = path.parent.name
     name = name[len(SCORE_SAVE_PREFIX):] if name.startswith(SCORE_SAVE_PREFIX) else name
     return rank_from_scores_name(name)
+
+
+def recorded_queries(path: Path) -> Tuple[Optional[str], Optional[Dict[str, Any]]]:
+    """The fingerprint of a score file's query images and analyze.py's record of how they were chosen,
+    from its run_config.json (None where there is no record)."""
+    try:
+        record = json.loads((path.parent / RUN_CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return None, None
+    return record.get("depends_on", {}).get("query_files_sha256"), record.get("resolved", {}).get("queries")
 
 
 def open_score_file(path: Path, flag: str) -> ScoreFile:
@@ -326,6 +337,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
                 f"score shapes differ: {full.path} has {full.num_queries} x {full.num_train}, {low.path} has "
                 f"{low.num_queries} x {low.num_train} (queries x training examples); both must score the same queries and training set"
             )
+        full_queries, low_queries = recorded_queries(full.path), recorded_queries(low.path)
+        if full_queries[0] and low_queries[0] and full_queries[0] != low_queries[0]:
+            raise UserError(
+                f"{full.path} and {low.path} were computed for different query images (their records' "
+                "query_files_sha256 differ): run analyze.py with the same query flags for both"
+            )
         if full.num_train <= max(TOP_K):
             logger.warning(
                 "only %d training examples: top-k overlaps with k >= %d are not defined (n/a)", full.num_train, full.num_train
@@ -369,6 +386,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         "top_k": list(TOP_K),
         "num_points": int(scatter_train.size),
         "scatter_query": args.scatter_query,
+        "queries": full_queries[1],  # which images the rows are, as analyze.py recorded them
         "rows_per_block": args.rows_per_block,
         "figure": str(args.figure),
         "statistics": summaries,

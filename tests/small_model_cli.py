@@ -101,7 +101,8 @@ def analyze_in_process(monkeypatch, dataset: Path, output_dir: Path, *extra: str
     """analyze.py's `main` in this process with the tiny model (identity strategy, 2 queries unless
     `--self_influence`), for tests that read what it prints or raises."""
     monkeypatch.setattr(pipeline, "build_model", build_tiny_model)
-    queries = [] if "--self_influence" in extra else ["--num_queries", "2"]
+    chosen = {"--self_influence", "--num_queries", "--query_files", "--query_dir"} & set(extra)
+    queries = [] if chosen else ["--num_queries", "2"]
     return analyze.main([
         "--dataset_dir", str(dataset), "--weights", "none", "--num_workers", "0", "--factor_strategy", "identity",
         "--output_dir", str(output_dir), *queries, *extra,

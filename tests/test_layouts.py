@@ -1,0 +1,223 @@
+"""layouts.py: ImageNet as downloaded. Tiny versions of each layout are built from one generated folder
+(the official archives made with tarfile, a devkit with the fields torchvision reads, a flat val with
+Kaggle's CSV, Kaggle's tree): every layout gives the same images in the same order and the same scores,
+results computed from one are reused from another, and each incomplete layout is one line with nothing
+written."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import tarfile
+from pathlib import Path
+from typing import Dict
+
+import numpy as np
+import pytest
+import scipy.io
+import torch
+
+import layouts
+import pipeline
+import records
+import top_influences
+from cli import UserError
+from conftest import tiny_counts, write_image_folder
+from small_model_cli import analyze_in_process
+
+CLASSES = ("n01440764", "n01443537")  # the first two of ImageNet's wnids
+NAMES = {"n01440764": "tench", "n01443537": "goldfish"}
+IDS = {"n01440764": 449, "n01443537": 1}  # ILSVRC2012_IDs are not in wnid order
+
+
+def _val_wnids(folders: Path) -> Dict[str, str]:
+    return {path.name: path.parent.name for path in sorted((folders / "val").glob("*/*.JPEG"))}
+
+
+def write_devkit(path: Path, val_wnids: Dict[str, str]) -> Path:
+    """ILSVRC2012_devkit_t12.tar.gz with data/meta.mat (the synsets: leaves plus one parent synset) and
+    the validation ground truth, one ILSVRC2012_ID per image in file-name order."""
+    fields = ["ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children", "wordnet_height", "num_train_images"]
+    synsets = np.zeros((len(CLASSES) + 1,), dtype=[(field, object) for field in fields])
+    for row, wnid in enumerate(CLASSES):
+        synsets[row] = (IDS[wnid], wnid, f"{NAMES[wnid]}, other words", "a fish", 0, np.zeros(0), 0, 3)
+    synsets[-1] = (1001, "n00000001", "fish", "a parent synset", 2, np.array([1, 449]), 1, 0)
+    meta = io.BytesIO()
+    scipy.io.savemat(meta, {"synsets": synsets})
+    truth = "".join(f"{IDS[val_wnids[name]]}\n" for name in sorted(val_wnids)).encode()
+    with tarfile.open(path, "w:gz") as archive:
+        for name, content in (("data/meta.mat", meta.getvalue()), ("data/ILSVRC2012_validation_ground_truth.txt", truth)):
+            info = tarfile.TarInfo(f"ILSVRC2012_devkit_t12/{name}")
+            info.size = len(content)
+            archive.addfile(info, io.BytesIO(content))
+    return path
+
+
+def write_solution_csv(path: Path, val_wnids: Dict[str, str]) -> Path:
+    rows = [f"{Path(name).stem},{wnid} 1 2 30 40 {wnid} 5 6 70 80" for name, wnid in sorted(val_wnids.items())]
+    path.write_text("ImageId,PredictionString\n" + "\n".join(rows) + "\n")
+    return path
+
+
+def flat_val(folders: Path, target: Path) -> Path:
+    target.mkdir(parents=True)
+    for path in sorted((folders / "val").glob("*/*.JPEG")):
+        shutil.copy(path, target / path.name)
+    return target
+
+
+def make_layouts(root: Path) -> Dict[str, Path]:
+    """The same images in every layout this suite reads."""
+    folders = write_image_folder(root / "folders", tiny_counts(CLASSES, train=3, val=2))
+    val_wnids = _val_wnids(folders)
+    built = {"folders": folders}
+
+    devkit = root / "devkit"
+    shutil.copytree(folders / "train", devkit / "train")
+    flat_val(folders, devkit / "val")
+    write_devkit(devkit / layouts.DEVKIT_ARCHIVE, val_wnids)
+    built["devkit"] = devkit
+
+    csv_flat = root / "csv"
+    shutil.copytree(folders / "train", csv_flat / "train")
+    flat_val(folders, csv_flat / "val")
+    write_solution_csv(csv_flat / layouts.KAGGLE_VAL_CSV, val_wnids)
+    built["csv"] = csv_flat
+
+    kaggle = root / "kaggle"
+    shutil.copytree(folders / "train", kaggle / layouts.KAGGLE_ROOT / "train")
+    flat_val(folders, kaggle / layouts.KAGGLE_ROOT / "val")
+    write_solution_csv(kaggle / layouts.KAGGLE_VAL_CSV, val_wnids)
+    (kaggle / layouts.KAGGLE_SYNSETS).write_text("".join(f"{w} {NAMES[w]}, other words\n" for w in CLASSES))
+    built["kaggle"] = kaggle
+
+    archives = root / "archives"
+    archives.mkdir()
+    write_archives(folders, archives, val_wnids)
+    built["archives"] = archives
+    return built
+
+
+def write_archives(folders: Path, target: Path, val_wnids: Dict[str, str]) -> None:
+    """ILSVRC2012_img_train.tar (one <wnid>.tar per class inside), ILSVRC2012_img_val.tar (flat) and the devkit."""
+    with tarfile.open(target / layouts.TRAIN_ARCHIVE, "w") as train:
+        for class_dir in sorted((folders / "train").iterdir()):
+            inner = io.BytesIO()
+            with tarfile.open(fileobj=inner, mode="w") as per_class:
+                for image in sorted(class_dir.iterdir()):
+                    per_class.add(image, arcname=image.name)
+            info = tarfile.TarInfo(f"{class_dir.name}.tar")
+            info.size = len(inner.getvalue())
+            train.addfile(info, io.BytesIO(inner.getvalue()))
+    with tarfile.open(target / layouts.VAL_ARCHIVE, "w") as val:
+        for image in sorted((folders / "val").glob("*/*.JPEG")):
+            val.add(image, arcname=image.name)
+    write_devkit(target / layouts.DEVKIT_ARCHIVE, val_wnids)
+
+
+@pytest.fixture
+def built(tmp_path) -> Dict[str, Path]:
+    return make_layouts(tmp_path / "layouts")
+
+
+def test_every_layout_lists_the_same_images_in_the_same_order(built):
+    assert layouts.prepare_archives(built["archives"])
+    assert not layouts.prepare_archives(built["archives"])  # once
+    reference = None
+    for name, root in built.items():
+        train = pipeline.get_imagenet_dataset("train", root)
+        val = pipeline.get_imagenet_dataset("val", root)
+        listed = [(Path(path).name, label) for path, label in pipeline.base_image_folder(val).samples]
+        fingerprints = records.dataset_provenance(train, val, "m")
+        if reference is None:
+            reference = (listed, fingerprints)
+        assert listed == reference[0], name
+        assert fingerprints == reference[1], name  # layout-independent: results are reused across layouts
+    assert [label for _, label in reference[0]] == [0, 0, 1, 1]
+    assert layouts.find_layout(built["devkit"]).kind == "devkit"
+    assert layouts.find_layout(built["kaggle"]).kind == "kaggle_csv"
+    assert layouts.find_layout(built["archives"]).kind == "devkit"  # unpacked: a flat val beside the devkit
+
+
+def test_readable_class_names_come_from_the_devkit_or_kaggles_mapping(built):
+    for name in ("devkit", "kaggle"):
+        assert top_influences.class_names(list(CLASSES), built[name]) == ["n01440764 tench", "n01443537 goldfish"]
+    assert top_influences.class_names(list(CLASSES), built["csv"]) == list(CLASSES)  # nothing to read them from
+
+
+def test_same_scores_from_every_layout_and_results_reused_across_layouts(built, monkeypatch, tmp_path):
+    shared = tmp_path / "shared"
+    first = analyze_in_process(monkeypatch, built["folders"], shared)["identity"]
+    stamp, scores = first.stat().st_mtime_ns, pipeline_scores(first)
+    for name in ("devkit", "csv", "kaggle", "archives"):
+        own = analyze_in_process(monkeypatch, built[name], tmp_path / name)["identity"]
+        torch.testing.assert_close(pipeline_scores(own), scores, rtol=0, atol=0)
+        assert analyze_in_process(monkeypatch, built[name], shared)["identity"] == first
+    assert first.stat().st_mtime_ns == stamp  # computed once, reused from every other layout
+
+
+def pipeline_scores(path: Path) -> torch.Tensor:
+    from scoring import load_scores
+
+    return load_scores(path)
+
+
+def _break(built: Dict[str, Path], case: str) -> Path:
+    if case == "flat_val_without_labels":
+        (built["devkit"] / layouts.DEVKIT_ARCHIVE).unlink()
+        return built["devkit"]
+    if case == "csv_missing_a_file":
+        csv_path = built["csv"] / layouts.KAGGLE_VAL_CSV
+        csv_path.write_text("\n".join(csv_path.read_text().splitlines()[:-1]) + "\n")
+        return built["csv"]
+    if case == "devkit_that_is_not_one":
+        (built["devkit"] / layouts.DEVKIT_ARCHIVE).write_bytes(b"not a tar archive at all")
+        return built["devkit"]
+    if case == "archive_that_is_not_one":
+        (built["archives"] / layouts.VAL_ARCHIVE).write_bytes(b"<html>rate limited</html>")
+        return built["archives"]
+    if case == "missing_archive":
+        (built["archives"] / layouts.DEVKIT_ARCHIVE).unlink()
+        return built["archives"]
+    if case == "devkit_count_differs":
+        next((built["devkit"] / "val").iterdir()).unlink()
+        return built["devkit"]
+    raise ValueError(case)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("flat_val_without_labels", r"holds images but no class folders, and .* has neither ILSVRC2012_devkit_t12.tar.gz nor LOC_val_solution.csv"),
+    ("csv_missing_a_file", r"LOC_val_solution.csv has no label for 1 of the 4 images in .*val \(first: n01443537_001.JPEG\)"),
+    ("devkit_that_is_not_one", r"ILSVRC2012_devkit_t12.tar.gz is not a readable devkit archive"),
+    ("archive_that_is_not_one", r"ILSVRC2012_img_val.tar is not a tar archive \(a partial download\?\)"),
+    ("missing_archive", r"holds ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar but not ILSVRC2012_devkit_t12.tar.gz"),
+    ("devkit_count_differs", r"labels 4 validation images but .*val holds 3"),
+])
+def test_an_incomplete_layout_is_one_line_and_nothing_is_written(built, monkeypatch, tmp_path, capsys, case, message):
+    root = _break(built, case)
+    before = sorted(str(path) for path in root.rglob("*"))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as caught:
+        analyze_in_process(monkeypatch, root, tmp_path / "out")
+    err = capsys.readouterr().err.strip()
+    assert caught.value.code == 2 and len(err.splitlines()) == 1, err
+    import re
+
+    assert re.search(message, err), err
+    assert not (tmp_path / "out").exists()
+    assert sorted(str(path) for path in root.rglob("*")) == before  # nothing unpacked, moved or left behind
+
+
+def test_unpacking_needs_the_space_and_says_how_much(built, monkeypatch):
+    import collections
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(layouts.shutil, "disk_usage", lambda path: usage(10**9, 10**9, 1000))
+    with pytest.raises(UserError, match=r"unpacking ImageNet's archives needs .* GB free in .*; 0.0 GB are free"):
+        layouts.prepare_archives(built["archives"])
+    assert not (built["archives"] / "train").exists()
+
+
+def test_unprepared_archives_are_named_by_the_readers(built):
+    with pytest.raises(UserError, match="not yet unpacked"):
+        pipeline.get_imagenet_dataset("train", built["archives"])
