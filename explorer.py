@@ -190,7 +190,8 @@ def query_page(entry: Dict[str, Any], previous: Optional[int], following: Option
     if "prediction" in entry:
         prediction = f'<p>prediction: <span class="prediction">{_e(entry["prediction"])}</span> {_verdict(entry.get("correct"))}</p>'
     sections = []
-    for kind, heading, note in (("helpful", "helpful", "raised the query's measurement most"), ("harmful", "harmful", "lowered it most")):
+    least = "no score is negative: these helped least" if all(item["score"] >= 0 for item in entry["harmful"]) else "lowered it most"
+    for kind, heading, note in (("helpful", "helpful", "raised the query's measurement most"), ("harmful", "harmful", least)):
         cards = "".join(_train_card(item, heading, "../") for item in entry[kind])
         sections.append(f'<h2>Most {heading} <small>({note})</small></h2>\n<div class="grid" id="{kind}">{cards}</div>')
     body = (
