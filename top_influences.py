@@ -504,11 +504,7 @@ def explorer_self_scores(args: argparse.Namespace, path: Path, train: data.Datas
     if not self_path.is_file():
         logger.info("no self-influence scores at %s: the explorer has no self-influence page", self_path)
         return None
-    scores = read_self_scores(self_path)
-    if scores.numel() != len(train):
-        raise UserError(f"{self_path} holds {scores.numel()} self-influence scores but {args.dataset_dir} has {len(train)} training images")
-    check_same_images(load_record(self_path), train, data.Subset(train, []), args.dataset_dir, self_influence=True)
-    return scores
+    return checked_self_scores(args, self_path, load_record(self_path), train)
 
 
 def explorer_self_ranking(
@@ -526,7 +522,8 @@ def explorer_self_ranking(
     return ranked
 
 
-def run_self(args: argparse.Namespace, path: Path, record: Optional[Dict[str, Any]], train: data.Dataset, names: List[str]) -> Dict[str, Any]:
+def checked_self_scores(args: argparse.Namespace, path: Path, record: Optional[Dict[str, Any]], train: data.Dataset) -> torch.Tensor:
+    """The self-influence scores at `path`, refused in one line unless they are this training set's."""
     scores = read_self_scores(path)
     if scores.numel() != len(train):
         raise UserError(
@@ -534,6 +531,11 @@ def run_self(args: argparse.Namespace, path: Path, record: Optional[Dict[str, An
             "images; pass the --dataset_dir the scores were computed on"
         )
     check_same_images(record, train, data.Subset(train, []), args.dataset_dir, self_influence=True)
+    return scores
+
+
+def run_self(args: argparse.Namespace, path: Path, record: Optional[Dict[str, Any]], train: data.Dataset, names: List[str]) -> Dict[str, Any]:
+    scores = checked_self_scores(args, path, record, train)
     table, summary = naming.top_influences_tables(args.results_dir or path.parent, self_influence=True)
     for output in (table, summary):
         check_writable(output)
