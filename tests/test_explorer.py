@@ -304,3 +304,16 @@ def test_names_with_markup_are_shown_as_text(hostile, browser):
     _load_clean(browser, pages[0])
     assert browser.title == f"query {query}: {HOSTILE}"
     assert any(HOSTILE in element.text for element in browser.find_elements(By.CLASS_NAME, "file"))
+
+
+def test_benchmark_measures_a_first_run_and_a_reusing_rerun(tmp_path):
+    """benchmarks/explorer_benchmark.py at toy size: the real command line twice, every thumbnail made
+    once (queries and the distinct training images their lists name), all reused by the rerun."""
+    from benchmarks import explorer_benchmark
+
+    result = explorer_benchmark.main(["--num_queries", "4", "--num_train", "12", "--num_classes", "2", "--thumbnail_workers", "1",
+                                      "--workdir", str(tmp_path / "work"), "--json", str(tmp_path / "bench.json")])
+    assert "(16 thumbnails made, 0 reused)" in result["first_run"]["summary"]  # top-10 of 12: every training image
+    assert "(0 thumbnails made, 16 reused)" in result["rerun"]["summary"]
+    assert result["first_run"]["peak_rss_bytes"] > 0 and not (tmp_path / "work").exists()
+    assert json.loads((tmp_path / "bench.json").read_text())["num_train"] == 12
