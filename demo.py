@@ -152,6 +152,10 @@ def report(
         f"    -> {table}, {summary}, {figure} (one figure per query)",
         "training images ranked by self-influence (atypical or mislabelled ones first):",
         "  python analyze.py --demo --self_influence && python top_influences.py --demo --self",
+        "browse every query's answers in a web browser (offline, no server; run the line above first for its",
+        "self-influence page):",
+        "  python top_influences.py --demo --html",
+        f"    -> open {naming.explorer_index(path.parent)}",
     ]
     return "\n".join(lines)
 

@@ -88,3 +88,26 @@ def top_influences_figure_path(
     if query_index is None:
         return Path(figure_dir) / f"{SELF_INFLUENCE_STEM}_{analysis_name}_{name}.png"
     return Path(figure_dir) / f"{TOP_INFLUENCES_STEM}_{analysis_name}_{name}_query{query_index}.png"
+
+
+EXPLORER_DIR = "explorer"
+EXPLORER_INDEX = "index.html"
+
+
+def explorer_dir(results_dir: str | Path) -> Path:
+    """The static explorer `top_influences.py --html` writes (beside the score file by default)."""
+    return Path(results_dir) / EXPLORER_DIR
+
+
+def explorer_index(results_dir: str | Path) -> Path:
+    """The page to open: `influence_results/demo/scores_ekfac/explorer/index.html`."""
+    return explorer_dir(results_dir) / EXPLORER_INDEX
+
+
+def self_scores_name_for(scores_name: str) -> str:
+    """The self-influence scores made with the same factors as pairwise scores `scores_name`:
+    `ekfac_qlr32` -> `ekfac_self` (self-influence is always full rank)."""
+    rank = rank_from_scores_name(scores_name)
+    if rank is not None:
+        scores_name = scores_name[: -len(f"{LOW_RANK_SUFFIX}{rank}")]
+    return scores_name + SELF_SUFFIX

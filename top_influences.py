@@ -15,6 +15,7 @@ import dataclasses
 import io
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -29,6 +30,7 @@ from torchvision import transforms
 from torchvision.models import ResNet50_Weights
 from tqdm import tqdm
 
+import explorer
 import layouts
 import naming
 import pipeline
@@ -50,6 +52,9 @@ DEFAULT_SELF_FIGURE_TOP_K = 20
 DEFAULT_NUM_FIGURES = 10
 # Two copies of 16 rows of 1,281,167 float32 scores are 164 MB.
 DEFAULT_ROWS_PER_BLOCK = 16
+MAX_THUMBNAIL_WORKERS = 8
+# The explorer's self-influence page lists this many training images, highest first.
+EXPLORER_SELF_TOP_K = 100
 PREDICTION_BATCH_SIZE = 16
 # Figure geometry, in inches at DPI: each cell is an image with its caption above and a gap beside it,
 # and a title band tops the figure. Axes are placed by hand (no tight bounding box), so the PNG's size in
@@ -232,19 +237,27 @@ def _build_model_for_predictions(args: argparse.Namespace, record: Optional[Dict
     )
 
 
-def predict(model: nn.Module, dataset: data.Dataset, positions: Sequence[int], names: Sequence[str]) -> Dict[int, str]:
-    """`class name (probability)` of the model's top class for each example (evaluation transform)."""
-    predictions: Dict[int, str] = {}
+def predict_classes(model: nn.Module, dataset: data.Dataset, positions: Sequence[int]) -> Dict[int, Tuple[int, float]]:
+    """The model's top class and its probability for each example (evaluation transform)."""
+    predictions: Dict[int, Tuple[int, float]] = {}
     with torch.no_grad():
-        for start in range(0, len(positions), PREDICTION_BATCH_SIZE):
+        for start in tqdm(range(0, len(positions), PREDICTION_BATCH_SIZE), desc="predictions", unit="batch", disable=len(positions) <= PREDICTION_BATCH_SIZE):
             chunk = list(positions[start : start + PREDICTION_BATCH_SIZE])
             images = torch.stack([dataset[position][0] for position in chunk])
-            probabilities = model(images).softmax(dim=-1)
-            confidence, classes = probabilities.max(dim=-1)
-            for position, value, index in zip(chunk, confidence.tolist(), classes.tolist()):
-                name = names[index] if index < len(names) else f"output {index}"
-                predictions[position] = f"{name} ({value:.2f})"
+            confidence, classes = model(images).softmax(dim=-1).max(dim=-1)
+            predictions.update(zip(chunk, zip(classes.tolist(), confidence.tolist())))
     return predictions
+
+
+def predict(model: nn.Module, dataset: data.Dataset, positions: Sequence[int], names: Sequence[str]) -> Dict[int, str]:
+    """`class name (probability)` of the model's top class for each example (evaluation transform)."""
+    return {position: _prediction_text(found, names) for position, found in predict_classes(model, dataset, positions).items()}
+
+
+def _prediction_text(found: Tuple[int, float], names: Sequence[str]) -> str:
+    index, value = found
+    name = names[index] if index < len(names) else f"output {index}"
+    return f"{name} ({value:.2f})"
 
 
 # ------------------------------------------------------------------------------------------ figures
@@ -352,6 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weights", choices=pipeline.weight_choices(), help="Model for the predictions: torchvision weights (default: what the score folder's run_config.json records).")
     parser.add_argument("--checkpoint", type=Path, help="Model for the predictions: a local ResNet-50 state dict (default: the recorded checkpoint, if still at its recorded path with the same sha256).")
     parser.add_argument("--seed", type=non_negative_int, help="Seed of the random-init model with --weights none (default: the recorded seed).")
+    parser.add_argument("--html", action="store_true", help=f"Also write a static explorer beside the CSV ({naming.EXPLORER_DIR}/{naming.EXPLORER_INDEX}: every query, its page of helpful and harmful training images, and self-influence when its scores exist); opens offline from file://. Predicts every query unless --no_prediction. Not with --self.")
+    parser.add_argument("--thumbnail_workers", type=positive_int, help=f"Threads making the explorer's thumbnails (default: the CPU count, at most {MAX_THUMBNAIL_WORKERS}). Only with --html.")
     parser.add_argument("--rows_per_block", type=positive_int, default=DEFAULT_ROWS_PER_BLOCK, help=f"Query rows read at a time; memory grows with it (default: {DEFAULT_ROWS_PER_BLOCK}).")
     return parser
 
@@ -363,6 +378,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error("pass --dataset_dir (the folder the scores were computed on), or --demo")
     if args.self_influence and (args.query_gradient_rank is not None or args.queries is not None):
         parser.error("--self ranks training images by self-influence: drop --query_gradient_rank and --queries")
+    if args.html and args.self_influence:
+        parser.error("--html builds the explorer from pairwise scores (it adds the self-influence page when those scores exist): drop --self")
+    if args.thumbnail_workers is not None and not args.html:
+        parser.error("--thumbnail_workers sets how the --html explorer's thumbnails are made: add --html or drop it")
+    if args.thumbnail_workers is None:
+        args.thumbnail_workers = min(MAX_THUMBNAIL_WORKERS, os.cpu_count() or 1)
     if args.checkpoint is not None and args.weights is not None:
         parser.error("--checkpoint and --weights exclude each other")
     if args.no_prediction and (args.checkpoint is not None or args.weights is not None or args.seed is not None):
@@ -423,21 +444,26 @@ def run_pairwise(
     queries = args.queries if args.queries is not None else list(range(score_file.num_queries))
     if max(queries) >= score_file.num_queries:
         raise UserError(f"--queries {max(queries)} is not among the {score_file.num_queries} queries in {path}")
-    classes = pipeline.base_image_folder(train).classes
-    query_set, label_source = recorded_queries(record, val, classes, recorded_preprocessing(record), score_file.num_queries)
+    class_list = pipeline.base_image_folder(train).classes
+    query_set, label_source = recorded_queries(record, val, class_list, recorded_preprocessing(record), score_file.num_queries)
     if len(query_set) != score_file.num_queries:
         raise UserError(f"{path} holds scores of {score_file.num_queries} queries but its record names {len(query_set)}")
     check_same_images(record, train, query_set, args.dataset_dir, self_influence=False)
     table, summary = naming.top_influences_tables(args.results_dir or path.parent, self_influence=False)
     for output in (table, summary):
         check_writable(output)
+    self_scores = explorer_self_scores(args, path, train) if args.html else None
+    if args.html:
+        explorer.check_destination(table.parent)
     drawn = queries[: args.num_figures]
+    predicted = queries if args.html else drawn
     view = recorded_preprocessing(record).view()  # the images as the model saw them, for every figure
-    model = model_for_predictions(args, record) if drawn else None  # before the long part: its errors come first
+    model = model_for_predictions(args, record) if predicted else None  # before the long part: its errors come first
 
     logger.info("top-%d helpful and harmful training images of %d queries from %s", args.top_k, len(queries), path)
     found = stream_top_k(score_file, queries, args.top_k, args.rows_per_block)
-    predictions = predict(model, query_set, drawn, names) if model is not None else {}
+    classes = predict_classes(model, query_set, predicted) if model is not None else {}
+    predictions = {position: _prediction_text(value, names) for position, value in classes.items()}
     analysis_name, name = scores_label(path)
     rows: List[Dict[str, Any]] = []
     entries: List[Dict[str, Any]] = []
@@ -451,6 +477,8 @@ def run_pairwise(
         entry = {"query_index": query_index, "query_path": query.path, "label": query.label, "label_source": label_source}
         if query_index in predictions:
             entry["prediction"] = predictions[query_index]
+            if label_source != LABEL_PREDICTED:  # a predicted label agrees with the prediction by definition
+                entry["correct"] = classes[query_index][0] == pipeline.example_path(query_set, query_index)[1]
         for kind, examples in ranked.items():
             entry[kind] = [_entry(rank, example, score) for rank, (example, score) in enumerate(examples, 1)]
             rows += [{"query_index": query_index, "query_path": query.path, "query_label": query.label,
@@ -473,10 +501,44 @@ def run_pairwise(
     print(f"top-{args.top_k} helpful and harmful training images of {len(queries)} queries: {table}, {summary}")
     if figures:
         print(f"figures ({len(figures)}): {figures[0]}{' ...' if len(figures) > 1 else ''}")
+    if args.html:
+        ranked = explorer_self_ranking(self_scores, model, train, names) if self_scores is not None else None
+        index, counts = explorer.build_explorer(
+            table.parent, entries, ranked, f"{path.parent.parent.name}/{path.parent.name}", len(train), args.thumbnail_workers
+        )
+        result["explorer"] = str(index)
+        summary.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"explorer ({counts['made']} thumbnails made, {counts['reused']} reused): open {index}")
     return result
 
 
-def run_self(args: argparse.Namespace, path: Path, record: Optional[Dict[str, Any]], train: data.Dataset, names: List[str]) -> Dict[str, Any]:
+def explorer_self_scores(args: argparse.Namespace, path: Path, train: data.Dataset) -> Optional[torch.Tensor]:
+    """The self-influence scores made with the same factors as the pairwise file (its sibling
+    scores_NAME_self folder), checked like `--self` checks them, or None when there are none."""
+    self_path = path.parent.parent / f"{SCORE_SAVE_PREFIX}{naming.self_scores_name_for(scores_label(path)[1])}" / naming.SELF_SCORES_FILE
+    if not self_path.is_file():
+        logger.info("no self-influence scores at %s: the explorer has no self-influence page", self_path)
+        return None
+    return checked_self_scores(args, self_path, load_record(self_path), train)
+
+
+def explorer_self_ranking(
+    scores: torch.Tensor, model: Optional[nn.Module], train: data.Dataset, names: List[str]
+) -> List[Dict[str, Any]]:
+    """The training images with the highest self-influence, with prediction and whether it matches the label."""
+    values, indices = torch.topk(scores, min(EXPLORER_SELF_TOP_K, scores.numel()))
+    ranked = [_entry(rank, describe(train, names, index), score) for rank, (score, index) in enumerate(zip(values.tolist(), indices.tolist()), 1)]
+    classes = predict_classes(model, train, indices.tolist()) if model is not None else {}
+    for item in ranked:
+        if item["train_index"] in classes:
+            found = classes[item["train_index"]]
+            item["prediction"] = _prediction_text(found, names)
+            item["correct"] = found[0] == pipeline.example_path(train, item["train_index"])[1]
+    return ranked
+
+
+def checked_self_scores(args: argparse.Namespace, path: Path, record: Optional[Dict[str, Any]], train: data.Dataset) -> torch.Tensor:
+    """The self-influence scores at `path`, refused in one line unless they are this training set's."""
     scores = read_self_scores(path)
     if scores.numel() != len(train):
         raise UserError(
@@ -484,6 +546,11 @@ def run_self(args: argparse.Namespace, path: Path, record: Optional[Dict[str, An
             "images; pass the --dataset_dir the scores were computed on"
         )
     check_same_images(record, train, data.Subset(train, []), args.dataset_dir, self_influence=True)
+    return scores
+
+
+def run_self(args: argparse.Namespace, path: Path, record: Optional[Dict[str, Any]], train: data.Dataset, names: List[str]) -> Dict[str, Any]:
+    scores = checked_self_scores(args, path, record, train)
     table, summary = naming.top_influences_tables(args.results_dir or path.parent, self_influence=True)
     for output in (table, summary):
         check_writable(output)

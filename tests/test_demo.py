@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 import demo
+import naming
 import pipeline
 
 
@@ -68,3 +69,5 @@ def test_report_lists_top_influencers_and_same_label_share(tmp_path):
     first_query_block = text.split("query 0: ")[1].split("query 1: ")[0]
     assert first_query_block.splitlines()[1].strip().startswith("1. class0_red_horizontal_train_003.JPEG [class0_red_horizontal]")
     assert "with the query's label 1.00 (chance 0.25)" in text
+    explorer_lines = text.split("python top_influences.py --demo --html\n")[1].splitlines()
+    assert explorer_lines[0].strip() == f"-> open {naming.explorer_index(tmp_path)}"  # the page the command writes

@@ -50,3 +50,11 @@ def test_command_line_flags_map_to_names():
     assert (settings.query_batch_size, settings.train_batch_size, args.num_queries) == (100, 256, 1000)
     assert settings.damping_factor == 1e-8
     assert analyze.parse_args(["--dataset_dir", "x", "--damping_factor", "heuristic"]).damping_factor is None
+
+
+def test_pairwise_scores_find_the_self_scores_of_their_factors():
+    """The explorer's self-influence page reads the self scores made with the pairwise scores' factors."""
+    for strategy, half, rank in itertools.product(STRATEGIES, [False, True], [None, 8, 32]):
+        pairwise = naming.scores_name(strategy, half, rank)
+        assert naming.self_scores_name_for(pairwise) == naming.self_scores_name(strategy, half)
+    assert naming.explorer_index("results/scores_ekfac") == naming.explorer_dir("results/scores_ekfac") / "index.html"
