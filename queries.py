@@ -122,13 +122,14 @@ def folder_samples(query_dir: Path, classes: Sequence[str]) -> Tuple[List[Tuple[
 
 
 @torch.no_grad()
-def predicted_labels(model: nn.Module, dataset: data.Dataset) -> List[int]:
-    """The model's own prediction for each image, the label of an unlabeled query (its margin is then the
-    confidence of that prediction)."""
+def predicted_labels(model: nn.Module, dataset: data.Dataset, num_classes: int) -> List[int]:
+    """The model's own prediction for each image among the dataset's `num_classes` classes (the model's
+    first outputs; a model may have more), the label of an unlabeled query: its margin is then how sure
+    the model is of its own answer."""
     model.eval()
     labels: List[int] = []
     for images, _, _ in data.DataLoader(dataset, batch_size=PREDICTION_BATCH):
-        labels += model(images).argmax(dim=-1).tolist()
+        labels += model(images)[:, :num_classes].argmax(dim=-1).tolist()
     return labels
 
 
@@ -141,7 +142,7 @@ def query_dataset(
         dataset = pipeline.ImageList(Path(args.query_dir).resolve(), samples, classes, preprocessing.transform())
         if not labelled:
             dataset = pipeline.ImageList(
-                dataset.root, [(path, label) for (path, _), label in zip(samples, predicted_labels(model, dataset))],
+                dataset.root, [(path, label) for (path, _), label in zip(samples, predicted_labels(model, dataset, len(classes)))],
                 classes, preprocessing.transform(),
             )
         if args.num_queries is not None and args.num_queries < len(dataset):

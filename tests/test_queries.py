@@ -114,7 +114,7 @@ def test_unlabeled_query_dir_uses_the_models_prediction_and_the_csv_says_so(data
     recorded = json.loads((path.parent / "run_config.json").read_text())["resolved"]["queries"]
     images = pipeline.ImageList(mine, [(str(mine / f), -1) for f in recorded["files"]], CLASSES, pipeline.Preprocessing().transform())
     assert recorded["label_source"] == "predicted" and recorded["files"] == ["n01_000.png.jpg", "n02_002.png.jpg"]
-    assert recorded["labels"] == queries.predicted_labels(build_tiny_model(seed=0), images)  # the model's own
+    assert recorded["labels"] == queries.predicted_labels(build_tiny_model(seed=0), images, len(CLASSES))  # the model's own
     result = top_influences.main([
         "--dataset_dir", str(dataset), "--scores", str(path), "--top_k", "2", "--num_figures", "1", "--no_prediction",
         "--figure_dir", str(tmp_path / "figures"),
@@ -164,3 +164,16 @@ def test_query_batching_analysis_refuses_scores_of_different_queries_and_names_t
     with pytest.raises(SystemExit):
         query_batching_analysis.main([*common, "--low_rank_scores", str(other)])
     assert "were computed for different query images" in capsys.readouterr().err
+
+
+def test_predictions_stay_among_the_datasets_classes():
+    """A model with more outputs than the folder has classes (1,000-way weights on a 2-class folder)."""
+    class Favours(torch.nn.Module):
+        def forward(self, images):
+            logits = torch.zeros(images.shape[0], 1000)
+            logits[:, 999] = 10.0  # an output no class folder maps to
+            logits[:, 1] = 1.0
+            return logits
+
+    images = torch.utils.data.TensorDataset(torch.zeros(3, 3, 8, 8), torch.zeros(3), torch.arange(3))
+    assert queries.predicted_labels(Favours(), images, num_classes=2) == [1, 1, 1]
