@@ -17,7 +17,7 @@ import torch
 from kronfluence.arguments import FactorArguments
 from kronfluence.factor.config import FactorConfig
 from kronfluence.factor.covariance import covariance_matrices_exist
-from kronfluence.factor.eigen import lambda_matrices_exist
+from kronfluence.factor.eigen import eigendecomposition_exist, lambda_matrices_exist
 from kronfluence.utils.common.factor_arguments import all_low_precision_factor_arguments
 from kronfluence.utils.constants import COVARIANCE_FACTOR_NAMES, FACTOR_ARGUMENTS_NAME, LAMBDA_FACTOR_NAMES
 from torch.utils import data
@@ -163,7 +163,8 @@ def discard_other_partitioning(directory: Path, factor_args: FactorArguments) ->
     """Finished partitions of an interrupted fit are kept when the run resumes with the same partition
     count; those of another count cannot be summed with new ones, so the unfinished phases' partitions are
     removed and kronfluence's saved arguments (which it would refuse to replace) updated. Finished phases
-    are kept: partitioning changes their sums only by float rounding."""
+    are kept: partitioning changes their sums only by float rounding. Finished factors are left as they
+    are, saved arguments included: kronfluence compares them with those it copied beside unfinished scores."""
     saved_path = directory / KRONFLUENCE_FACTOR_ARGUMENTS_FILE
     if not saved_path.is_file():
         return
@@ -171,11 +172,13 @@ def discard_other_partitioning(directory: Path, factor_args: FactorArguments) ->
     neutral = dict.fromkeys(PARTITION_ARGUMENTS)
     if saved == current or {**saved, **neutral} != {**current, **neutral}:
         return  # the same, or other arguments changed, which kronfluence reports
-    for phase in (COVARIANCE, LAMBDA):
-        if not phase.finished(output_dir=directory):
-            stale = phase.partition_files(directory)
-            if stale:
-                logger.warning("discarding %d %s partition files of an interrupted run with another partition count", len(stale), phase.name)
-            for path in stale:
-                path.unlink()
+    unfinished = [phase for phase in (COVARIANCE, LAMBDA) if phase.needed(factor_args.strategy) and not phase.finished(output_dir=directory)]
+    if not unfinished and (eigendecomposition_exist(output_dir=directory) or not FactorConfig.CONFIGS[factor_args.strategy].requires_eigendecomposition):
+        return
+    for phase in unfinished:
+        stale = phase.partition_files(directory)
+        if stale:
+            logger.warning("discarding %d %s partition files of an interrupted run with another partition count", len(stale), phase.name)
+        for path in stale:
+            path.unlink()
     write_json_atomically(saved_path, current)

@@ -98,8 +98,9 @@ def test_partitioned_fit_equals_one_pass(dataset, uninterrupted, tmp_path):
 
 
 def test_fit_killed_mid_lambda_resumes_from_its_last_partition(dataset, uninterrupted, tmp_path):
-    """SIGKILL in the second lambda partition, then in the third: each rerun keeps the partitions finished
-    before (the killed holder's lock blocks nothing), and the last gives the uninterrupted run's scores."""
+    """SIGKILL in the second lambda partition, then in the third, then while scoring: each rerun keeps the
+    partitions finished before (the killed holder's lock blocks nothing); the last rerun, with another
+    --factor_partitions, reuses the finished factors and gives the uninterrupted run's scores."""
     argv = _command(dataset, tmp_path)
     factors = naming.factors_dir(tmp_path, "imagenet", "ekfac")
     for finished in (1, 2):
@@ -107,10 +108,14 @@ def test_fit_killed_mid_lambda_resumes_from_its_last_partition(dataset, uninterr
         assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
         assert len(LAMBDA.partition_files(factors)) == finished * len(LAMBDA.factor_names)
         assert (tmp_path / "imagenet" / naming.LOCK_FILE).is_file()  # left behind, naming the dead process
-    resumed = _run(argv)
+    killed = _run(argv, "scores:1")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert f"lambda fit in {FACTOR_PARTITIONS} partitions, reusing 2 finished" in killed.stderr
+    assert killed.stderr.count("Fitting Lambda matrices [0/") == 1  # only the last partition was fitted
+    assert not LAMBDA.partition_files(factors) and (factors / "lambda_matrix.safetensors").is_file()
+    # Finished factors are reused as they are (kronfluence compares their arguments with the scores').
+    resumed = _run([*argv, "--factor_partitions", "2"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"lambda fit in {FACTOR_PARTITIONS} partitions, reusing 2 finished" in resumed.stderr
-    assert resumed.stderr.count("Fitting Lambda matrices [0/") == 1  # only the last partition was fitted
     assert torch.equal(_scores(tmp_path), _scores(uninterrupted))
 
 
