@@ -11,6 +11,7 @@ One driver for one process and for torchrun (distributed.py)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import math
@@ -28,11 +29,13 @@ import demo
 import distributed
 import hardware
 import layouts
+import locking
 import queries
 import naming
 import pipeline
+import preflight
 from cli import UserError, non_negative_int, positive_int, setup_logging, user_errors
-from factors import fit_factors
+from factors import FACTOR_PARTITION_EXAMPLES, fit_factors
 from records import dataset_provenance, discard_torn_files, write_failure
 from scoring import SCORE_PARTITION_EXAMPLES, compute_scores, compute_self_scores, load_scores, scores_shape
 from settings import (
@@ -91,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--profile", action="store_true", help="Print the per-phase timing table at the end.")
     parser.add_argument("--factor_examples", type=positive_int, default=FACTOR_MAX_EXAMPLES, help=f"Training images the covariance and lambda factors are fitted on: all of them up to N, else N drawn at random with --seed (default and most: {FACTOR_MAX_EXAMPLES:,}, upstream's on ImageNet and kronfluence's cap). Recorded with the factors.")
     parser.add_argument("--score_partitions", type=positive_int, help=f"Parts the training set is scored in; each is saved when done, so an interrupted run loses at most one (default: one per {SCORE_PARTITION_EXAMPLES:,} training images).")
+    parser.add_argument("--factor_partitions", type=positive_int, help=f"Parts the covariance and lambda fits are done in; each is saved when done, so an interrupted fit loses at most one (default: one per {FACTOR_PARTITION_EXAMPLES:,} fitted images).")
     parser.add_argument("--check_images", action="store_true", help="Decode every training and query image before the analysis starts and stop with the list of unreadable files (one pass over the data, with --num_workers processes).")
     parser.add_argument("--self_influence", action="store_true", help=f"Compute self-influence scores of every training image with the same factors (scores_STRATEGY[_half]{naming.SELF_SUFFIX}/{naming.SELF_SCORES_FILE}) INSTEAD of pairwise scores; run without it for pairwise scores (finished factors are reused either way). Not under torchrun on CPUs.")
     parser.add_argument("--dist_timeout", type=positive_int, default=distributed.DEFAULT_TIMEOUT_S, help=f"Under torchrun: seconds a rank waits for the others in a collective before it fails (default: {distributed.DEFAULT_TIMEOUT_S}).")
@@ -181,6 +185,7 @@ def settings_from_args(args: argparse.Namespace, device: str) -> AnalysisSetting
         overwrite=args.overwrite,
         profile=args.profile or args.demo,
         score_partitions=args.score_partitions,
+        factor_partitions=args.factor_partitions,
         factor_examples=args.factor_examples,
     )
 
@@ -242,6 +247,7 @@ def run(args: argparse.Namespace, layout: distributed.Layout) -> Dict[str, Path]
     else:
         query_dataset, query_record = queries.query_dataset(args, val_dataset, classes, model, preprocessing)
     num_queries = len(query_dataset)
+    distributed.on_main(layout, lambda: preflight.check_resources(model, settings, len(train_dataset), num_queries, args.self_influence, 2 if args.demo else 1))
     if args.check_images:
         paths = pipeline.image_paths([train_dataset, query_dataset])
         unreadable = pipeline.unreadable_images(paths[layout.rank :: layout.world_size], settings.num_workers)
@@ -321,7 +327,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Path]:
     try:
         with user_errors("analyze.py"):
             try:
-                return run(args, layout)
+                # Rank 0 holds the analysis folder for the whole run; the other ranks write nothing there.
+                with locking.hold(naming.analysis_dir(args.output_dir, args.analysis_name)) if layout.is_main else contextlib.nullcontext():
+                    return run(args, layout)
             except torch.OutOfMemoryError:
                 raise UserError(
                     "out of memory; lower --train_batch_size, --query_batch_size or --factor_batch_size (or "

@@ -18,6 +18,8 @@ SELF_SCORES_FILE = "self_scores.safetensors"
 # kronfluence sums the per-module scores under this key unless per-module scores are asked for.
 SCORES_KEY = "all_modules"
 RUN_CONFIG_FILE = "run_config.json"
+# In every analysis folder: the file locked by the run writing there (locking.py), naming that run.
+LOCK_FILE = ".lock"
 HALF_SUFFIX = "_half"
 LOW_RANK_SUFFIX = "_qlr"
 

@@ -11,7 +11,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from kronfluence.arguments import ScoreArguments
@@ -52,12 +52,19 @@ def query_gradient_bytes(model: nn.Module, rank: Optional[int], itemsize: int) -
     rank, or rank x (out + in) for a low-rank one (kronfluence keeps a layer full where that is smaller).
     About 100 MB per query in float32 for ResNet-50 at full rank."""
     total = 0
-    for module in model.modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
-            rows = module.weight.shape[0]
-            columns = module.weight[0].numel() + (1 if module.bias is not None else 0)
-            total += rows * columns if rank is None else min(rows * columns, rank * (rows + columns))
+    for rows, columns in tracked_layer_shapes(model):
+        total += rows * columns if rank is None else min(rows * columns, rank * (rows + columns))
     return total * itemsize
+
+
+def tracked_layer_shapes(model: nn.Module) -> List[Tuple[int, int]]:
+    """(outputs, inputs) of every layer kronfluence tracks (each Conv2d and Linear): a convolution's inputs
+    are its input channels x kernel size, and a bias counts as one more input."""
+    return [
+        (module.weight.shape[0], module.weight[0].numel() + (1 if module.bias is not None else 0))
+        for module in model.modules()
+        if isinstance(module, (nn.Conv2d, nn.Linear))
+    ]
 
 
 def device_memory_bytes(device: torch.device) -> int:

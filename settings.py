@@ -67,6 +67,7 @@ class AnalysisSettings:
     overwrite: bool = False
     profile: bool = False
     score_partitions: Optional[int] = None
+    factor_partitions: Optional[int] = None  # None: one per factors.FACTOR_PARTITION_EXAMPLES fitted images
     factor_examples: int = FACTOR_MAX_EXAMPLES
 
     @property

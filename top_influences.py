@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 import explorer
 import layouts
+import locking
 import naming
 import pipeline
 from cli import UserError, non_negative_int, positive_int, setup_logging, user_errors
@@ -590,15 +591,17 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         path = scores_path(args)
         if args.demo and not args.dataset_dir.is_dir():
             raise UserError(f"{args.dataset_dir} does not exist: run `python analyze.py --demo` first")
-        record = load_record(path)
-        preprocessing = recorded_preprocessing(record)
-        train = pipeline.get_imagenet_dataset("train", args.dataset_dir, preprocessing=preprocessing)
-        names = class_names(pipeline.base_image_folder(train).classes, args.dataset_dir)
-        if args.self_influence:
-            return run_self(args, path, record, train, names)
-        val = pipeline.get_imagenet_dataset("val", args.dataset_dir, preprocessing=preprocessing)
-        pipeline.check_datasets(train, val, num_queries=0)
-        return run_pairwise(args, path, record, train, val, names)
+        # The tables go beside the scores: not while analyze.py (or another of these) writes in that folder.
+        with locking.writing_into(args.results_dir or path.parent):
+            record = load_record(path)
+            preprocessing = recorded_preprocessing(record)
+            train = pipeline.get_imagenet_dataset("train", args.dataset_dir, preprocessing=preprocessing)
+            names = class_names(pipeline.base_image_folder(train).classes, args.dataset_dir)
+            if args.self_influence:
+                return run_self(args, path, record, train, names)
+            val = pipeline.get_imagenet_dataset("val", args.dataset_dir, preprocessing=preprocessing)
+            pipeline.check_datasets(train, val, num_queries=0)
+            return run_pairwise(args, path, record, train, val, names)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 import analyze
 import hardware
+import locking
 import naming
 import pipeline
 from cli import UserError, non_negative_int, positive_int, setup_logging, user_errors
@@ -521,7 +522,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
     setup_logging()
-    with user_errors(PROG):
+    # A given --workdir is this run's own (it removes it at the end): not shared with another run.
+    with user_errors(PROG), locking.hold(args.workdir) if args.workdir is not None else contextlib.nullcontext():
         return run(args, torch.device(args.device))
 
 

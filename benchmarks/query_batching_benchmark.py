@@ -17,10 +17,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
+import locking
+from cli import user_errors
 from naming import SCORES_KEY, pairwise_scores_path, scores_name
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -103,6 +105,20 @@ def run_analysis(workdir: Path, num_queries: int, rows_per_block: Optional[int])
     return {"seconds": seconds, "peak_rss_bytes": peak, "spearman_mean": summary["statistics"]["Spearman"]["mean"]}
 
 
+def in_own_workdir(workdir: Path, keep: bool, prog: str, write: Callable[[], None], measure: Callable[[], Dict[str, float]]) -> Tuple[float, Dict[str, float]]:
+    """Writes the synthetic files and measures, holding `workdir`'s lock (a given --workdir is this run's
+    own: it is removed at the end unless `keep`); returns the write time in seconds and the measurements."""
+    with user_errors(prog), locking.hold(workdir):
+        try:
+            start = time.perf_counter()
+            write()
+            write_seconds = time.perf_counter() - start
+            return write_seconds, measure()
+        finally:
+            if not keep:
+                shutil.rmtree(workdir, ignore_errors=True)
+
+
 def report(rows: Sequence[Tuple[str, str]], result: Dict[str, object], json_path: Optional[Path]) -> None:
     """Prints the measurements as a two-column table and writes them to `json_path` if one is given."""
     width = max(len(name) for name, _ in rows)
@@ -133,15 +149,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="query_batching_benchmark_"))
     full_path = pairwise_scores_path(workdir, ANALYSIS_NAME, scores_name(STRATEGY, False, None))
     low_path = pairwise_scores_path(workdir, ANALYSIS_NAME, scores_name(STRATEGY, False, LOW_RANK))
-    try:
-        start = time.perf_counter()
-        write_score_files(full_path, low_path, args.num_queries, args.num_train, args.dtype)
-        write_seconds = time.perf_counter() - start
-        file_bytes = full_path.stat().st_size
-        measured = run_analysis(workdir, args.num_queries, args.rows_per_block)
-    finally:
-        if not args.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
+    write_seconds, measured = in_own_workdir(
+        workdir, args.keep, PROG, lambda: write_score_files(full_path, low_path, args.num_queries, args.num_train, args.dtype),
+        lambda: {"file_bytes": full_path.stat().st_size, **run_analysis(workdir, args.num_queries, args.rows_per_block)},
+    )
+    file_bytes = measured["file_bytes"]
     result = {
         "num_queries": args.num_queries,
         "num_train": args.num_train,

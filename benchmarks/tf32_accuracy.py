@@ -19,7 +19,6 @@ import inspect
 import io
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -29,6 +28,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import analyze
 import demo
+import locking
+import naming
 import pipeline
 import query_batching_analysis as comparison
 from cli import UserError, setup_logging, user_errors
@@ -156,9 +157,9 @@ def discard_other_emulation(folder: Path, record: Dict[str, str]) -> None:
         same = json.loads(marker.read_text()) == record
     except (OSError, ValueError):
         same = False
-    if folder.exists() and not same:
+    if not same and any(path.name != naming.LOCK_FILE for path in folder.iterdir()):
         logger.info("%s: made by another emulation or unfinished; recomputing", folder)
-        shutil.rmtree(folder)
+        locking.clear(folder)  # not the lock file: this process holds it
 
 
 def run_analysis(analyze_args: List[str], output_dir: Path, rounding: Optional[str], ops: str) -> Tuple[Dict[str, Path], Dict[str, int]]:
@@ -173,18 +174,21 @@ def run_analysis(analyze_args: List[str], output_dir: Path, rounding: Optional[s
             return analyze.main(argv), {}
     record = emulation_record(rounding, ops)
     folder = output_dir / variant
-    discard_other_emulation(folder, record)
-    reusable = folder.exists()
-    mode = EmulatedTF32(rounding, ops)
-    with mode, contextlib.redirect_stdout(io.StringIO()):
-        results = analyze.main(argv)
-    if mode.counts:
-        logger.info("%s: TF32 operands in %s", variant, ", ".join(f"{n} x {op}" for op, n in sorted(mode.counts.items())))
-    elif not reusable:
-        raise RuntimeError(f"{variant}: the emulation reached no float32 product or convolution")
-    else:
-        logger.info("%s: results reused from %s", variant, folder)
-    (folder / EMULATION_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    # Held from the cleanup to the marker, so that another run of this benchmark cannot remove the folder
+    # while analyze.py (which holds the same lock) computes in it.
+    with locking.hold(folder):
+        discard_other_emulation(folder, record)
+        reusable = (folder / EMULATION_FILE).is_file()
+        mode = EmulatedTF32(rounding, ops)
+        with mode, contextlib.redirect_stdout(io.StringIO()):
+            results = analyze.main(argv)
+        if mode.counts:
+            logger.info("%s: TF32 operands in %s", variant, ", ".join(f"{n} x {op}" for op, n in sorted(mode.counts.items())))
+        elif not reusable:
+            raise RuntimeError(f"{variant}: the emulation reached no float32 product or convolution")
+        else:
+            logger.info("%s: results reused from %s", variant, folder)
+        (folder / EMULATION_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return results, mode.counts
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -20,7 +19,9 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-from benchmarks.query_batching_benchmark import FULL_NUM_QUERIES, FULL_NUM_TRAIN, MEMORY_BUDGET_BYTES, SAFETENSORS_DTYPES, report, safetensors_header, to_bytes
+from benchmarks.query_batching_benchmark import (
+    FULL_NUM_QUERIES, FULL_NUM_TRAIN, MEMORY_BUDGET_BYTES, SAFETENSORS_DTYPES, in_own_workdir, report, safetensors_header, to_bytes,
+)
 from cli import positive_int
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -89,15 +90,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         return result
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="top_influences_benchmark_"))
     path = workdir / "pairwise_scores.safetensors"
-    try:
-        start = time.perf_counter()
-        write_score_file(path, args.num_queries, args.num_train, args.dtype)
-        write_seconds = time.perf_counter() - start
-        file_bytes = path.stat().st_size
-        measured = run_child(path, args.top_k, args.rows_per_block)
-    finally:
-        if not args.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
+    write_seconds, measured = in_own_workdir(
+        workdir, args.keep, PROG, lambda: write_score_file(path, args.num_queries, args.num_train, args.dtype),
+        lambda: {"file_bytes": path.stat().st_size, **run_child(path, args.top_k, args.rows_per_block)},
+    )
+    file_bytes = measured["file_bytes"]
     result = {
         "num_queries": args.num_queries, "num_train": args.num_train, "dtype": args.dtype, "top_k": args.top_k,
         "rows_per_block": args.rows_per_block, "bytes": file_bytes, "write_seconds": write_seconds,

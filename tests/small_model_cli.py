@@ -6,6 +6,8 @@ takes a fraction of a second, so a run can be killed and resumed many times in a
 preempted job or the OOM killer does) at the N-th step of a phase: the N-th training-loss batch of
 `covariance`, `lambda` or `scores`, or the N-th eigendecomposition of `eigendecomposition`.
 `KILL_AT=PHASE:N:SIGINT` sends another signal instead (SIGINT is what Ctrl-C sends).
+`PAUSE_AT=PHASE:N:FOLDER` makes it write its pid to FOLDER/reached-RANK at that step instead and wait
+there until FOLDER/go exists, so that a test can act while a run is surely in the middle of a phase.
 
 Usage: python tests/small_model_cli.py ANALYZE_ARGS...
 """
@@ -16,6 +18,7 @@ import functools
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -57,17 +60,16 @@ def build_tiny_model(weights=None, checkpoint=None, seed: int = 0, num_classes: 
         return TinyNet(num_classes).eval()
 
 
-def install_kill(spec: str) -> None:
-    phase, count, *signal_name = spec.split(":")
-    signal_number = getattr(signal, signal_name[0]) if signal_name else signal.SIGKILL
+def install_step_hook(phase: str, count: int, action) -> None:
+    """Calls `action()` at the `count`-th step of `phase` (see the module docstring)."""
     steps = {"n": 0}
     current = {"phase": None}
 
     def step() -> None:
         if current["phase"] == phase:
             steps["n"] += 1
-            if steps["n"] == int(count):
-                os.kill(os.getpid(), signal_number)
+            if steps["n"] == count:
+                action()
 
     for name, method in PHASE_METHODS.items():
         original = getattr(Analyzer, method)
@@ -97,6 +99,23 @@ def install_kill(spec: str) -> None:
     torch.linalg.eigh = counted_eigh
 
 
+def install_kill(spec: str) -> None:
+    phase, count, *signal_name = spec.split(":")
+    signal_number = getattr(signal, signal_name[0]) if signal_name else signal.SIGKILL
+    install_step_hook(phase, int(count), lambda: os.kill(os.getpid(), signal_number))
+
+
+def install_pause(spec: str) -> None:
+    phase, count, folder = spec.split(":", 2)
+
+    def pause() -> None:
+        (Path(folder) / f"reached-{os.environ.get('RANK', '0')}").write_text(str(os.getpid()))
+        while not (Path(folder) / "go").exists():
+            time.sleep(0.05)
+
+    install_step_hook(phase, int(count), pause)
+
+
 def analyze_in_process(monkeypatch, dataset: Path, output_dir: Path, *extra: str):
     """analyze.py's `main` in this process with the tiny model (identity strategy, 2 queries unless
     `--self_influence`), for tests that read what it prints or raises."""
@@ -113,6 +132,8 @@ def main() -> None:
     pipeline.build_model = build_tiny_model
     if os.environ.get("KILL_AT"):
         install_kill(os.environ["KILL_AT"])
+    if os.environ.get("PAUSE_AT"):
+        install_pause(os.environ["PAUSE_AT"])
     analyze.main(sys.argv[1:])
 
 
