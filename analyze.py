@@ -151,6 +151,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         given = [flag for flag, value in query_flags.items() if value is not None]
         if given:
             parser.error(f"--self_influence scores the training set against itself (full rank); drop {', '.join(given)}")
+    if args.query_files is not None and not args.query_files.is_file():
+        parser.error(f"--query_files {args.query_files} is not a file")
+    if args.query_dir is not None and not args.query_dir.is_dir():
+        parser.error(f"--query_dir {args.query_dir} is not a folder")
     defaults = DEMO_DEFAULTS if args.demo else SEED_DEFAULTS
     chosen_queries = args.query_files is not None or args.query_dir is not None
     for key, value in defaults.items():
@@ -214,6 +218,12 @@ def run(args: argparse.Namespace, layout: distributed.Layout) -> Dict[str, Path]
             "--self_influence is not supported under torchrun on CPUs (kronfluence_gloo_shim does not cover "
             "self scores); run it as a single process, or on GPUs"
         )
+    if layout.distributed and args.dataset_dir is not None and layouts.needs_unpacking(Path(args.dataset_dir)):
+        # The other ranks would wait for rank 0's hours of unpacking far past --dist_timeout.
+        raise UserError(
+            f"{args.dataset_dir} holds ImageNet's archives, not yet unpacked: run analyze.py once without torchrun "
+            "to unpack them, then this command"
+        )
     distributed.init(layout, device, args.dist_timeout)
     weights = args.weights
     if args.demo:
@@ -259,7 +269,8 @@ def run(args: argparse.Namespace, layout: distributed.Layout) -> Dict[str, Path]
         model_source = f"weights:{weights}"
     provenance = dataset_provenance(train_dataset, query_dataset, model_source)
     if query_record is not None:
-        provenance["query"]["query_selection"] = query_record["selection"]  # a changed choice is named on rerun
+        if query_record["selection"] != "first":  # upstream's choice, recorded by its absence: older results stay valid
+            provenance["query"]["query_selection"] = query_record["selection"]  # a changed choice is named on rerun
         if query_record["label_source"] == queries.LABEL_PREDICTED:
             provenance["query"]["query_labels"] = queries.LABEL_PREDICTED
         provenance["queries"] = query_record

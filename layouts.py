@@ -20,6 +20,7 @@ import dataclasses
 import io
 import logging
 import os
+import re
 import shutil
 import tarfile
 from pathlib import Path
@@ -46,6 +47,7 @@ KAGGLE_VAL_CSV = "LOC_val_solution.csv"
 KAGGLE_SYNSETS = "LOC_synset_mapping.txt"
 PREPARED_MARKER = ".imagenet_prepared"  # written last by prepare_archives: its presence means finished
 STAGING = ".imagenet_preparing"
+WNID = re.compile(r"n\d{8}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,8 +73,13 @@ def _flat_images(folder: Path) -> List[str]:
     return sorted(entry.name for entry in os.scandir(folder) if entry.is_file() and is_image(entry.name))
 
 
+def is_hidden(name: str) -> bool:
+    """Folders a file manager or notebook leaves behind (.ipynb_checkpoints, __MACOSX): never classes."""
+    return name.startswith((".", "__MACOSX"))
+
+
 def _has_class_folders(folder: Path) -> bool:
-    return any(entry.is_dir() for entry in os.scandir(folder))
+    return any(entry.is_dir() and not is_hidden(entry.name) for entry in os.scandir(folder))
 
 
 def archives_present(dataset_dir: Path) -> List[str]:
@@ -182,7 +189,7 @@ def read_solution_csv(path: Path) -> Dict[str, str]:
     """Kaggle's LOC_val_solution.csv: `ImageId,PredictionString` rows, the wnid first in each prediction."""
     labels: Dict[str, str] = {}
     try:
-        with open(path, newline="") as handle:
+        with open(path, newline="", encoding="utf-8-sig") as handle:  # a spreadsheet may add a byte-order mark
             reader = csv.DictReader(handle)
             if reader.fieldnames is None or not {"ImageId", "PredictionString"} <= set(reader.fieldnames):
                 raise UserError(f"{path} is not Kaggle's {KAGGLE_VAL_CSV} (it needs ImageId and PredictionString columns)")
@@ -229,6 +236,7 @@ def prepare_archives(dataset_dir: Path) -> bool:
     for name in ARCHIVES:
         _check_archive(dataset_dir / name)
     _devkit_members(dataset_dir / DEVKIT_ARCHIVE)
+    shutil.rmtree(dataset_dir / STAGING, ignore_errors=True)  # an interrupted unpacking's, before space is measured
     for split in ("train", "val"):
         if (dataset_dir / split).exists():  # one of them only: half a dataset unpacked by hand
             raise UserError(f"{dataset_dir / split} already exists beside the archives: move it away to unpack them")
@@ -240,15 +248,18 @@ def prepare_archives(dataset_dir: Path) -> bool:
             f"{free / 1e9:,.1f} GB are free"
         )
     logger.info(
-        "unpacking ImageNet's archives in %s, once (%.1f GB of images; the archives can be deleted afterwards)",
-        dataset_dir, need / 1e9,
+        "unpacking ImageNet's archives in %s, once (%.1f GB of images; afterwards the two image archives can be "
+        "deleted, the devkit stays: it labels val/)", dataset_dir, need / 1e9,
     )
     staging = dataset_dir / STAGING
-    shutil.rmtree(staging, ignore_errors=True)
     (staging / "train").mkdir(parents=True)
     (staging / "val").mkdir()
-    _unpack_train(dataset_dir / TRAIN_ARCHIVE, staging / "train")
-    _unpack(dataset_dir / VAL_ARCHIVE, staging / "val", "val images")
+    try:
+        _unpack(dataset_dir / VAL_ARCHIVE, staging / "val", "val images")  # the smaller one first: a bad download fails fast
+        _unpack_train(dataset_dir / TRAIN_ARCHIVE, staging / "train")
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # never half a dataset, nor 140 GB of it left behind
+        raise
     for split in ("train", "val"):
         os.replace(staging / split, dataset_dir / split)
     staging.rmdir()
@@ -280,8 +291,11 @@ def _unpack_train(archive_path: Path, target: Path) -> None:
             members = [member for member in outer.getmembers() if member.isfile() and member.name.endswith(".tar")]
             if not members:
                 raise UserError(f"{archive_path} holds no per-class .tar archives: not ImageNet's training archive")
-            for member in tqdm(members, desc="train classes", unit="class"):
-                wnid = Path(member.name).stem
+            wnids = [Path(member.name).stem for member in members]
+            odd = [wnid for wnid in wnids if not WNID.fullmatch(wnid)]
+            if odd or len(set(wnids)) != len(wnids):
+                raise UserError(f"{archive_path} holds {odd[0] + '.tar' if odd else 'a class twice'}: not ImageNet's training archive")
+            for member, wnid in tqdm(list(zip(members, wnids)), desc="train classes", unit="class"):
                 (target / wnid).mkdir()
                 _unpack(archive_path, target / wnid, wnid, fileobj=outer.extractfile(member))
     except (tarfile.TarError, EOFError) as error:

@@ -63,6 +63,7 @@ def hold(folder: Path) -> Iterator[None]:
     if another process has it."""
     folder = Path(folder)
     lock_path = folder / naming.LOCK_FILE
+    created = [parent for parent in [folder, *folder.parents] if not parent.exists()]  # innermost first
     try:
         folder.mkdir(parents=True, exist_ok=True)
         key = lock_path.resolve()
@@ -97,6 +98,11 @@ def hold(folder: Path) -> Iterator[None]:
         del _held[key]
         with contextlib.suppress(OSError):  # the folder may have been removed (a benchmark's own workdir)
             os.ftruncate(descriptor, 0)
+            if created and [path.name for path in folder.iterdir()] == [naming.LOCK_FILE]:
+                # A run that stopped before writing anything leaves nothing: not even the folders it made.
+                lock_path.unlink()
+                for path in created:
+                    path.rmdir()
         os.close(descriptor)
 
 

@@ -60,7 +60,7 @@ def positions_from_file(path: Path, val: data.Dataset) -> List[int]:
     except (OSError, UnicodeDecodeError) as error:
         raise UserError(f"--query_files: cannot read {path} ({error})") from None
     folder = pipeline.base_image_folder(val)
-    by_path = {os.path.normpath(sample_path): position for position, (sample_path, _) in enumerate(folder.samples)}
+    by_path = {os.path.realpath(sample_path): position for position, (sample_path, _) in enumerate(folder.samples)}
     by_name: Dict[str, List[int]] = {}
     for position, (sample_path, _) in enumerate(folder.samples):
         by_name.setdefault(os.path.basename(sample_path), []).append(position)
@@ -74,7 +74,7 @@ def positions_from_file(path: Path, val: data.Dataset) -> List[int]:
             if position >= len(folder.samples):
                 raise UserError(f"{path}:{number}: index {position} is beyond the {len(folder.samples)} validation images")
         else:
-            candidates = [os.path.normpath(entry), os.path.normpath(os.path.join(folder.root, entry))]
+            candidates = [os.path.realpath(entry), os.path.realpath(os.path.join(folder.root, entry))]
             found = [by_path[candidate] for candidate in candidates if candidate in by_path]
             if not found and len(by_name.get(entry, [])) == 1:
                 found = by_name[entry]
@@ -93,12 +93,12 @@ def folder_samples(query_dir: Path, classes: Sequence[str]) -> Tuple[List[Tuple[
     """The images of `query_dir`, sorted by path: with class subfolders (named by wnid, or by class index)
     each takes its folder's label; without any, every label is -1 (to be predicted). Returns the samples
     and whether they are labelled."""
-    query_dir = Path(query_dir)
+    query_dir = Path(query_dir).resolve()  # the paths and the root they are recorded against must agree
     if not query_dir.is_dir():
         raise UserError(f"--query_dir {query_dir} is not a folder")
     class_to_idx = {name: index for index, name in enumerate(classes)}
     samples: List[Tuple[str, int]] = []
-    subfolders = sorted(entry.name for entry in os.scandir(query_dir) if entry.is_dir())
+    subfolders = sorted(entry.name for entry in os.scandir(query_dir) if entry.is_dir() and not layouts.is_hidden(entry.name))
     loose = sorted(entry.name for entry in os.scandir(query_dir) if entry.is_file() and layouts.is_image(entry.name))
     if subfolders and loose:
         raise UserError(f"--query_dir {query_dir} mixes images ({loose[0]}) and class folders ({subfolders[0]}): use one or the other")
@@ -114,7 +114,8 @@ def folder_samples(query_dir: Path, classes: Sequence[str]) -> Tuple[List[Tuple[
                 f"--query_dir: {query_dir / name} is not a class: name class folders by wnid (e.g. {classes[0]}) or "
                 f"class index (0-{len(classes) - 1})"
             )
-        for root, _, files in sorted(os.walk(query_dir / name)):
+        for root, folders, files in sorted(os.walk(query_dir / name)):
+            folders[:] = sorted(folder for folder in folders if not layouts.is_hidden(folder))
             samples += [(os.path.join(root, file), label) for file in sorted(files) if layouts.is_image(file)]
     if not samples:
         raise UserError(f"--query_dir {query_dir} holds no images")
@@ -140,6 +141,8 @@ def query_dataset(
     if args.query_dir is not None:
         samples, labelled = folder_samples(args.query_dir, classes)
         dataset = pipeline.ImageList(Path(args.query_dir).resolve(), samples, classes, preprocessing.transform())
+        if args.num_queries is not None and args.num_queries > len(dataset):
+            raise UserError(f"--query_dir {args.query_dir} holds {len(dataset)} images, fewer than --num_queries {args.num_queries}")
         if not labelled:
             dataset = pipeline.ImageList(
                 dataset.root, [(path, label) for (path, _), label in zip(samples, predicted_labels(model, dataset, len(classes)))],

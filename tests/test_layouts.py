@@ -66,9 +66,21 @@ def flat_val(folders: Path, target: Path) -> Path:
     return target
 
 
+def official_val_names(folders: Path) -> None:
+    """Renames the validation images as ImageNet names them (ILSVRC2012_val_00000001.JPEG, ...), the
+    classes interleaved: file-name order is then not class order, as in the real flat val."""
+    by_class = [sorted((folders / "val" / wnid).iterdir()) for wnid in CLASSES]
+    number = 0
+    for round_ in zip(*by_class):
+        for path in reversed(round_):  # the second class first: its images come earlier by name
+            number += 1
+            path.rename(path.with_name(f"ILSVRC2012_val_{number:08d}.JPEG"))
+
+
 def make_layouts(root: Path) -> Dict[str, Path]:
     """The same images in every layout this suite reads."""
     folders = write_image_folder(root / "folders", tiny_counts(CLASSES, train=3, val=2))
+    official_val_names(folders)
     val_wnids = _val_wnids(folders)
     built = {"folders": folders}
 
@@ -133,7 +145,9 @@ def test_every_layout_lists_the_same_images_in_the_same_order(built):
             reference = (listed, fingerprints)
         assert listed == reference[0], name
         assert fingerprints == reference[1], name  # layout-independent: results are reused across layouts
-    assert [label for _, label in reference[0]] == [0, 0, 1, 1]
+    # By class, then name; by name alone (a flat folder's order) the classes would alternate.
+    assert reference[0] == [("ILSVRC2012_val_00000002.JPEG", 0), ("ILSVRC2012_val_00000004.JPEG", 0),
+                            ("ILSVRC2012_val_00000001.JPEG", 1), ("ILSVRC2012_val_00000003.JPEG", 1)]
     assert layouts.find_layout(built["devkit"]).kind == "devkit"
     assert layouts.find_layout(built["kaggle"]).kind == "kaggle_csv"
     assert layouts.find_layout(built["archives"]).kind == "devkit"  # unpacked: a flat val beside the devkit
@@ -179,6 +193,10 @@ def _break(built: Dict[str, Path], case: str) -> Path:
     if case == "missing_archive":
         (built["archives"] / layouts.DEVKIT_ARCHIVE).unlink()
         return built["archives"]
+    if case == "truncated_download":
+        val_tar = built["archives"] / layouts.VAL_ARCHIVE
+        val_tar.write_bytes(val_tar.read_bytes()[: val_tar.stat().st_size // 3])
+        return built["archives"]
     if case == "devkit_count_differs":
         next((built["devkit"] / "val").iterdir()).unlink()
         return built["devkit"]
@@ -187,11 +205,12 @@ def _break(built: Dict[str, Path], case: str) -> Path:
 
 @pytest.mark.parametrize("case, message", [
     ("flat_val_without_labels", r"holds images but no class folders, and .* has neither ILSVRC2012_devkit_t12.tar.gz nor LOC_val_solution.csv"),
-    ("csv_missing_a_file", r"LOC_val_solution.csv has no label for 1 of the 4 images in .*val \(first: n01443537_001.JPEG\)"),
+    ("csv_missing_a_file", r"LOC_val_solution.csv has no label for 1 of the 4 images in .*val \(first: ILSVRC2012_val_00000004.JPEG\)"),
     ("devkit_that_is_not_one", r"ILSVRC2012_devkit_t12.tar.gz is not a readable devkit archive"),
     ("archive_that_is_not_one", r"ILSVRC2012_img_val.tar is not a tar archive \(a partial download\?\)"),
     ("missing_archive", r"holds ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar but not ILSVRC2012_devkit_t12.tar.gz"),
     ("devkit_count_differs", r"labels 4 validation images but .*val holds 3"),
+    ("truncated_download", r"ILSVRC2012_img_val.tar cannot be unpacked .*; download it again"),
 ])
 def test_an_incomplete_layout_is_one_line_and_nothing_is_written(built, monkeypatch, tmp_path, capsys, case, message):
     root = _break(built, case)
@@ -200,6 +219,8 @@ def test_an_incomplete_layout_is_one_line_and_nothing_is_written(built, monkeypa
     with pytest.raises(SystemExit) as caught:
         analyze_in_process(monkeypatch, root, tmp_path / "out")
     err = capsys.readouterr().err.strip()
+    if case == "truncated_download":  # found while unpacking: the progress lines come first
+        err = err.splitlines()[-1]
     assert caught.value.code == 2 and len(err.splitlines()) == 1, err
     import re
 
@@ -221,3 +242,12 @@ def test_unpacking_needs_the_space_and_says_how_much(built, monkeypatch):
 def test_unprepared_archives_are_named_by_the_readers(built):
     with pytest.raises(UserError, match="not yet unpacked"):
         pipeline.get_imagenet_dataset("train", built["archives"])
+
+
+def test_unpacking_under_torchrun_is_refused_before_the_ranks_wait_for_it(built, monkeypatch, tmp_path, capsys):
+    for name, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit):
+        analyze_in_process(monkeypatch, built["archives"], tmp_path / "out")
+    assert "run analyze.py once without torchrun to unpack them" in capsys.readouterr().err
+    assert not (built["archives"] / "train").exists()

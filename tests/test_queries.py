@@ -95,12 +95,16 @@ def test_per_class_and_random_are_recorded_and_a_changed_choice_is_refused(datas
 def test_query_dir_with_class_folders_scores_those_images_with_those_labels(dataset, monkeypatch, tmp_path):
     every = _rows(analyze_in_process(monkeypatch, dataset, tmp_path / "all", "--num_queries", "8")["identity"])
     mine = tmp_path / "mine"
+    (mine / ".ipynb_checkpoints").mkdir(parents=True)  # never a class
     (mine / "n02").mkdir(parents=True)
     (mine / "0").mkdir()  # a class index names the class too
     shutil.copy(dataset / "val" / "n02" / "n02_001.JPEG", mine / "n02" / "a.jpg")
     shutil.copy(dataset / "val" / "n01" / "n01_003.JPEG", mine / "0" / "b.jpg")
-    path = analyze_in_process(monkeypatch, dataset, tmp_path / "mine_out", "--query_dir", str(mine))["identity"]
+    monkeypatch.chdir(tmp_path)  # a relative --query_dir, as a user types it
+    path = analyze_in_process(monkeypatch, dataset, tmp_path / "mine_out", "--query_dir", "mine")["identity"]
     torch.testing.assert_close(_rows(path), every[[3, 5]], rtol=0, atol=0)  # folders in name order: 0, then n02
+    result = top_influences.main(["--dataset_dir", str(dataset), "--scores", str(path), "--num_figures", "0", "--no_prediction"])
+    assert [Path(entry["query_path"]).name for entry in result["queries"]] == ["b.jpg", "a.jpg"]
 
 
 def test_unlabeled_query_dir_uses_the_models_prediction_and_the_csv_says_so(dataset, monkeypatch, tmp_path):
