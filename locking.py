@@ -64,6 +64,7 @@ def hold(folder: Path) -> Iterator[None]:
     folder = Path(folder)
     lock_path = folder / naming.LOCK_FILE
     created = [parent for parent in [folder, *folder.parents] if not parent.exists()]  # innermost first
+    new_lock = not lock_path.exists()
     try:
         folder.mkdir(parents=True, exist_ok=True)
         key = lock_path.resolve()
@@ -98,7 +99,7 @@ def hold(folder: Path) -> Iterator[None]:
         del _held[key]
         with contextlib.suppress(OSError):  # the folder may have been removed (a benchmark's own workdir)
             os.ftruncate(descriptor, 0)
-            if created and [path.name for path in folder.iterdir()] == [naming.LOCK_FILE]:
+            if new_lock and [path.name for path in folder.iterdir()] == [naming.LOCK_FILE]:
                 # A run that stopped before writing anything leaves nothing: not even the folders it made.
                 lock_path.unlink()
                 for path in created:

@@ -162,16 +162,17 @@ def discard_other_emulation(folder: Path, record: Dict[str, str]) -> None:
         locking.clear(folder)  # not the lock file: this process holds it
 
 
-def run_analysis(analyze_args: List[str], output_dir: Path, rounding: Optional[str], ops: str) -> Tuple[Dict[str, Path], Dict[str, int]]:
+def run_analysis(analyze_args: List[str], output_dir: Path, rounding: Optional[str], ops: str) -> Tuple[Dict[str, Path], Dict[str, int], bool]:
     """analyze.py with the given arguments, writing into this variant's own analysis folder; returns its score
-    files and how many calls of each op got TF32 operands (none when its results were reused). Its printed
-    report (the demo's, or the timing table) is left out."""
+    files, how many calls of each op got TF32 operands, and whether its finished results were reused (its
+    score files left untouched; a reusing run still makes a forward pass or two, e.g. to size query
+    batches). Its printed report (the demo's, or the timing table) is left out."""
     variant = variant_name(rounding, ops)
     argv = [*analyze_args, "--output_dir", str(output_dir), "--analysis_name", variant]
     logger.info("%s: analyze.py %s", variant, " ".join(argv))
     if rounding is None:
         with contextlib.redirect_stdout(io.StringIO()):
-            return analyze.main(argv), {}
+            return analyze.main(argv), {}, False
     record = emulation_record(rounding, ops)
     folder = output_dir / variant
     # Held from the cleanup to the marker, so that another run of this benchmark cannot remove the folder
@@ -179,17 +180,19 @@ def run_analysis(analyze_args: List[str], output_dir: Path, rounding: Optional[s
     with locking.hold(folder):
         discard_other_emulation(folder, record)
         reusable = (folder / EMULATION_FILE).is_file()
+        before = {path: path.stat().st_mtime_ns for path in folder.rglob("*.safetensors")}
         mode = EmulatedTF32(rounding, ops)
         with mode, contextlib.redirect_stdout(io.StringIO()):
             results = analyze.main(argv)
-        if mode.counts:
-            logger.info("%s: TF32 operands in %s", variant, ", ".join(f"{n} x {op}" for op, n in sorted(mode.counts.items())))
-        elif not reusable:
-            raise RuntimeError(f"{variant}: the emulation reached no float32 product or convolution")
-        else:
+        reused = reusable and all(before.get(path) == path.stat().st_mtime_ns for path in results.values())
+        if reused:
             logger.info("%s: results reused from %s", variant, folder)
+        elif mode.counts:
+            logger.info("%s: TF32 operands in %s", variant, ", ".join(f"{n} x {op}" for op, n in sorted(mode.counts.items())))
+        else:
+            raise RuntimeError(f"{variant}: the emulation reached no float32 product or convolution")
         (folder / EMULATION_FILE).write_text(json.dumps(record, indent=2) + "\n")
-    return results, mode.counts
+    return results, mode.counts, reused
 
 
 def compare_scores(reference: np.ndarray, other: np.ndarray) -> Dict[str, Any]:
@@ -260,14 +263,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         if args.calibrate_batchnorm:
             checkpoint = batchnorm_calibrated_checkpoint(parsed, args.output_dir)
             analyze_args = [*analyze_args, "--checkpoint", str(checkpoint)]
-        reference, _ = run_analysis(analyze_args, args.output_dir, None, args.ops)
+        reference, _, _ = run_analysis(analyze_args, args.output_dir, None, args.ops)
         result: Dict[str, Any] = {
             "analyze_args": analyze_args, "emulated_on": "cuda" if torch.cuda.is_available() else "cpu",
             "ops": args.ops, "variants": {}, "tf32_operand_calls": {}, "reused": {},
         }
         for rounding in args.roundings:
             variant = variant_name(rounding, args.ops)
-            scores, counts = run_analysis(analyze_args, args.output_dir, rounding, args.ops)
+            scores, counts, reused = run_analysis(analyze_args, args.output_dir, rounding, args.ops)
             if set(scores) != set(reference):
                 raise UserError(f"{variant} produced {sorted(scores)}, float32 {sorted(reference)}")
             result["variants"][variant] = {
@@ -276,7 +279,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                 for name in reference
             }
             result["tf32_operand_calls"][variant] = counts
-            result["reused"][variant] = not counts
+            result["reused"][variant] = reused
     for variant, by_scores in result["variants"].items():  # printed after all runs, away from their logs
         for name, compared in by_scores.items():
             print(f"\n{variant} vs float32, scores `{name}` (largest |difference| / largest |score|: "
