@@ -102,6 +102,19 @@ def warn_if_slow_on_cpu(device: str, num_train: int, demo: bool) -> bool:
     return True
 
 
+def proc_kib(path: str, field: str) -> Optional[int]:
+    """A `Field:   N kB` line of a Linux /proc file (/proc/meminfo, /proc/self/status), in KiB; None where
+    the file or the field is missing."""
+    try:
+        with open(path) as handle:
+            for line in handle:
+                if line.startswith(f"{field}:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
 def cgroup_cpu_limit(path: Path = CGROUP_CPU_MAX) -> Optional[int]:
     """CPUs a cgroup v2 quota allows (containers, SLURM), rounded up; None without a quota."""
     try:

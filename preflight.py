@@ -18,6 +18,7 @@ from kronfluence.factor.config import FactorConfig
 from kronfluence.factor.eigen import eigendecomposition_exist
 from torch import nn
 
+import hardware
 import naming
 from cli import UserError
 from factors import COVARIANCE, LAMBDA, PartitionedPhase, factor_arguments, factor_partitions
@@ -127,13 +128,9 @@ def plan_run(model: nn.Module, settings: AnalysisSettings, num_train: int, num_q
 
 def available_memory_bytes() -> int:
     """Host memory available to a new allocation without swapping (Linux's MemAvailable), else free pages."""
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    available = hardware.proc_kib("/proc/meminfo", "MemAvailable")
+    if available is not None:
+        return available * 1024
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 

@@ -139,22 +139,18 @@ def query_dataset(
 ) -> Tuple[data.Dataset, Dict[str, Any]]:
     """The queries the flags ask for, and the record of them kept with the scores."""
     if args.query_dir is not None:
-        samples, labelled = folder_samples(args.query_dir, classes)
-        dataset = pipeline.ImageList(Path(args.query_dir).resolve(), samples, classes, preprocessing.transform())
-        if args.num_queries is not None and args.num_queries > len(dataset):
-            raise UserError(f"--query_dir {args.query_dir} holds {len(dataset)} images, fewer than --num_queries {args.num_queries}")
+        root = Path(args.query_dir).resolve()
+        samples, labelled = folder_samples(root, classes)
+        if args.num_queries is not None:
+            if args.num_queries > len(samples):
+                raise UserError(f"--query_dir {args.query_dir} holds {len(samples)} images, fewer than --num_queries {args.num_queries}")
+            samples = samples[: args.num_queries]  # the first N: only they are predicted
         if not labelled:
-            dataset = pipeline.ImageList(
-                dataset.root, [(path, label) for (path, _), label in zip(samples, predicted_labels(model, dataset, len(classes)))],
-                classes, preprocessing.transform(),
-            )
-        if args.num_queries is not None and args.num_queries < len(dataset):
-            dataset = data.Subset(dataset, list(range(args.num_queries)))
-        return dataset, {
-            "selection": "query_dir", "root": str(dataset_root(dataset)),
-            "files": [os.path.relpath(pipeline.example_path(dataset, i)[0], dataset_root(dataset)) for i in range(len(dataset))],
-            "labels": [pipeline.example_path(dataset, i)[1] for i in range(len(dataset))],
-            "label_source": LABEL_FROM_FOLDER if labelled else LABEL_PREDICTED,
+            unlabeled = pipeline.ImageList(root, samples, classes, preprocessing.transform())
+            samples = [(path, label) for (path, _), label in zip(samples, predicted_labels(model, unlabeled, len(classes)))]
+        return pipeline.ImageList(root, samples, classes, preprocessing.transform()), {
+            "selection": "query_dir", "root": str(root), "files": [os.path.relpath(path, root) for path, _ in samples],
+            "labels": [label for _, label in samples], "label_source": LABEL_FROM_FOLDER if labelled else LABEL_PREDICTED,
         }
     if args.query_files is not None:
         positions = positions_from_file(args.query_files, val)
@@ -164,10 +160,6 @@ def query_dataset(
         positions = select_positions(pipeline.base_image_folder(val).targets, num_queries, args.query_selection, args.seed)
         selection = args.query_selection
     return data.Subset(val, positions), {"selection": selection, "val_positions": positions, "label_source": LABEL_FROM_FOLDER}
-
-
-def dataset_root(dataset: data.Dataset) -> Path:
-    return Path(pipeline.base_image_folder(dataset).root)
 
 
 def recorded_queries(record: Optional[Dict[str, Any]], val: Optional[data.Dataset], classes: Sequence[str],

@@ -57,14 +57,20 @@ def query_gradient_bytes(model: nn.Module, rank: Optional[int], itemsize: int) -
     return total * itemsize
 
 
+def tracked_layers(model: nn.Module) -> List[nn.Module]:
+    """The layers kronfluence tracks: every Conv2d and Linear."""
+    return [module for module in model.modules() if isinstance(module, (nn.Conv2d, nn.Linear))]
+
+
+def layer_shape(module: nn.Module) -> Tuple[int, int]:
+    """(outputs, inputs) of a tracked layer's gradient: a convolution's inputs are its input channels x
+    kernel size, and a bias counts as one more input."""
+    return module.weight.shape[0], module.weight[0].numel() + (1 if module.bias is not None else 0)
+
+
 def tracked_layer_shapes(model: nn.Module) -> List[Tuple[int, int]]:
-    """(outputs, inputs) of every layer kronfluence tracks (each Conv2d and Linear): a convolution's inputs
-    are its input channels x kernel size, and a bias counts as one more input."""
-    return [
-        (module.weight.shape[0], module.weight[0].numel() + (1 if module.bias is not None else 0))
-        for module in model.modules()
-        if isinstance(module, (nn.Conv2d, nn.Linear))
-    ]
+    """`layer_shape` of every tracked layer."""
+    return [layer_shape(module) for module in tracked_layers(model)]
 
 
 def device_memory_bytes(device: torch.device) -> int:
@@ -95,12 +101,11 @@ def training_side_bytes(model: nn.Module, example: torch.Tensor, batch_size: int
 
     def layer_hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
         counts["inputs"] += inputs[0].numel()
-        columns = module.weight[0].numel() + (1 if module.bias is not None else 0)
+        rows, columns = layer_shape(module)
         unfolded = module.weight[0].numel() * output[0, 0].numel() if isinstance(module, nn.Conv2d) else 0
-        counts["largest"] = max(counts["largest"], module.weight.shape[0] * columns + unfolded)
+        counts["largest"] = max(counts["largest"], rows * columns + unfolded)
 
-    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    handles = [layer.register_forward_hook(layer_hook) for layer in layers]
+    handles = [layer.register_forward_hook(layer_hook) for layer in tracked_layers(model)]
     try:
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
             parameter = next(model.parameters())

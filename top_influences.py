@@ -15,7 +15,6 @@ import dataclasses
 import io
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -31,6 +30,7 @@ from torchvision.models import ResNet50_Weights
 from tqdm import tqdm
 
 import explorer
+import hardware
 import layouts
 import locking
 import naming
@@ -367,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", type=Path, help="Model for the predictions: a local ResNet-50 state dict (default: the recorded checkpoint, if still at its recorded path with the same sha256).")
     parser.add_argument("--seed", type=non_negative_int, help="Seed of the random-init model with --weights none (default: the recorded seed).")
     parser.add_argument("--html", action="store_true", help=f"Also write a static explorer beside the CSV ({naming.EXPLORER_DIR}/{naming.EXPLORER_INDEX}: every query, its page of helpful and harmful training images, and self-influence when its scores exist); opens offline from file://. Predicts every query unless --no_prediction. Not with --self.")
-    parser.add_argument("--thumbnail_workers", type=positive_int, help=f"Threads making the explorer's thumbnails (default: the CPU count, at most {MAX_THUMBNAIL_WORKERS}). Only with --html.")
+    parser.add_argument("--thumbnail_workers", type=positive_int, help=f"Threads making the explorer's thumbnails (default: the CPUs this process may use, at most {MAX_THUMBNAIL_WORKERS}). Only with --html.")
     parser.add_argument("--rows_per_block", type=positive_int, default=DEFAULT_ROWS_PER_BLOCK, help=f"Query rows read at a time; memory grows with it (default: {DEFAULT_ROWS_PER_BLOCK}).")
     return parser
 
@@ -384,7 +384,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.thumbnail_workers is not None and not args.html:
         parser.error("--thumbnail_workers sets how the --html explorer's thumbnails are made: add --html or drop it")
     if args.thumbnail_workers is None:
-        args.thumbnail_workers = min(MAX_THUMBNAIL_WORKERS, os.cpu_count() or 1)
+        args.thumbnail_workers = min(MAX_THUMBNAIL_WORKERS, hardware.available_cpus())
     if args.checkpoint is not None and args.weights is not None:
         parser.error("--checkpoint and --weights exclude each other")
     if args.no_prediction and (args.checkpoint is not None or args.weights is not None or args.seed is not None):

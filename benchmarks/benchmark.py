@@ -130,13 +130,9 @@ def reset_peak_memory(device: torch.device) -> bool:
 
 def peak_host_mb() -> float:
     """Peak resident memory of this process (VmHWM), in MiB; ru_maxrss where /proc is missing."""
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
+    peak = hardware.proc_kib("/proc/self/status", "VmHWM")
+    if peak is not None:
+        return peak / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

@@ -23,7 +23,7 @@ from PIL import Image
 from safetensors.numpy import save_file
 
 import naming
-from benchmarks.query_batching_benchmark import report
+from benchmarks.query_batching_benchmark import in_own_workdir, report
 from benchmarks.top_influences_benchmark import write_score_file
 from cli import positive_int
 
@@ -100,21 +100,27 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         parser.error("needs --num_classes <= --num_queries <= --num_train")
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="explorer_benchmark_"))
     dataset_dir, scores_dir = workdir / "data", workdir / "results" / "scores_ekfac"
-    try:
-        image_seconds = write_images(dataset_dir, args.num_train, args.num_queries, args.num_classes, args.image_pixels)
+    written: Dict[str, float] = {}
+
+    def write() -> None:
+        written["image_seconds"] = write_images(dataset_dir, args.num_train, args.num_queries, args.num_classes, args.image_pixels)
         shutil.rmtree(workdir / "results", ignore_errors=True)
         write_score_file(scores_dir / naming.PAIRWISE_SCORES_FILE, args.num_queries, args.num_train, "float32")
         self_dir = scores_dir.parent / "scores_ekfac_self"
         self_dir.mkdir(parents=True)
         save_file({naming.SCORES_KEY: np.random.default_rng(SEED).random(args.num_train, dtype=np.float32)}, str(self_dir / naming.SELF_SCORES_FILE))
-        first = run_explorer(dataset_dir, scores_dir, args.thumbnail_workers)
-        rerun = run_explorer(dataset_dir, scores_dir, args.thumbnail_workers)
-        explorer_dir = naming.explorer_dir(scores_dir)
-        explorer_bytes = folder_bytes(explorer_dir)
-        index_bytes = naming.explorer_index(scores_dir).stat().st_size
-    finally:
-        if not args.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
+
+    def measure() -> Dict[str, object]:
+        return {
+            "first": run_explorer(dataset_dir, scores_dir, args.thumbnail_workers),
+            "rerun": run_explorer(dataset_dir, scores_dir, args.thumbnail_workers),
+            "explorer_bytes": folder_bytes(naming.explorer_dir(scores_dir)),
+            "index_bytes": naming.explorer_index(scores_dir).stat().st_size,
+        }
+
+    _, measured = in_own_workdir(workdir, args.keep, PROG, write, measure)
+    image_seconds, first, rerun = written["image_seconds"], measured["first"], measured["rerun"]
+    explorer_bytes, index_bytes = measured["explorer_bytes"], measured["index_bytes"]
     result = {
         "num_queries": args.num_queries, "num_train": args.num_train, "num_classes": args.num_classes,
         "image_pixels": args.image_pixels, "image_write_seconds": image_seconds, "first_run": first, "rerun": rerun,
