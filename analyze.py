@@ -36,6 +36,7 @@ import pipeline
 import preflight
 from cli import UserError, non_negative_int, positive_int, setup_logging, user_errors
 from factors import FACTOR_PARTITION_EXAMPLES, fit_factors
+from normalization import compute_normalized_scores
 from records import dataset_provenance, discard_torn_files, write_failure
 from scoring import SCORE_PARTITION_EXAMPLES, compute_scores, compute_self_scores, load_scores, scores_shape
 from settings import (
@@ -96,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--score_partitions", type=positive_int, help=f"Parts the training set is scored in; each is saved when done, so an interrupted run loses at most one (default: one per {SCORE_PARTITION_EXAMPLES:,} training images).")
     parser.add_argument("--factor_partitions", type=positive_int, help=f"Parts the covariance and lambda fits are done in; each is saved when done, so an interrupted fit loses at most one (default: one per {FACTOR_PARTITION_EXAMPLES:,} fitted images).")
     parser.add_argument("--check_images", action="store_true", help="Decode every training and query image before the analysis starts and stop with the list of unreadable files (one pass over the data, with --num_workers processes).")
+    parser.add_argument("--score_normalization", choices=naming.NORMALIZATIONS, default=naming.NO_NORMALIZATION, help="Rescale the pairwise scores against the few high-gradient training images that top every list: none (kronfluence's scores, the default), relative (each training image's score divided by the square root of its self-influence: l-RelatIF), or cosine (the query's too: a cosine in the preconditioned inner product). Written as scores_NAME_relative/ or _cosine/ beside the raw scores; costs one self-influence pass over the training set (reused from --self_influence results), for cosine also one over the queries.")
     parser.add_argument("--self_influence", action="store_true", help=f"Compute self-influence scores of every training image with the same factors (scores_STRATEGY[_half]{naming.SELF_SUFFIX}/{naming.SELF_SCORES_FILE}) INSTEAD of pairwise scores; run without it for pairwise scores (finished factors are reused either way). Not under torchrun on CPUs.")
     parser.add_argument("--dist_timeout", type=positive_int, default=distributed.DEFAULT_TIMEOUT_S, help=f"Under torchrun: seconds a rank waits for the others in a collective before it fails (default: {distributed.DEFAULT_TIMEOUT_S}).")
     return parser
@@ -147,7 +149,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                        "--query_files": args.query_files, "--query_dir": args.query_dir,
                        "--query_selection": None if args.query_selection == "first" else args.query_selection,
                        "--query_gradient_rank": args.query_gradient_rank,
-                       "--query_gradient_accumulation_steps": args.query_gradient_accumulation_steps}
+                       "--query_gradient_accumulation_steps": args.query_gradient_accumulation_steps,
+                       "--score_normalization": None if args.score_normalization == naming.NO_NORMALIZATION else args.score_normalization}
         given = [flag for flag, value in query_flags.items() if value is not None]
         if given:
             parser.error(f"--self_influence scores the training set against itself (full rank); drop {', '.join(given)}")
@@ -191,6 +194,7 @@ def settings_from_args(args: argparse.Namespace, device: str) -> AnalysisSetting
         score_partitions=args.score_partitions,
         factor_partitions=args.factor_partitions,
         factor_examples=args.factor_examples,
+        score_normalization=args.score_normalization,
     )
 
 
@@ -213,9 +217,11 @@ def run(args: argparse.Namespace, layout: distributed.Layout) -> Dict[str, Path]
     hardware.make_repeatable(device)
     if args.checkpoint is not None:
         pipeline.check_checkpoint_path(args.checkpoint)
-    if args.self_influence and layout.distributed and device == "cpu":
+    normalized = settings.score_normalization != naming.NO_NORMALIZATION
+    if (args.self_influence or normalized) and layout.distributed and device == "cpu":
+        flag = "--self_influence" if args.self_influence else f"--score_normalization {settings.score_normalization}"
         raise UserError(
-            "--self_influence is not supported under torchrun on CPUs (kronfluence_gloo_shim does not cover "
+            f"{flag} is not supported under torchrun on CPUs (kronfluence_gloo_shim does not cover "
             "self scores); run it as a single process, or on GPUs"
         )
     if layout.distributed and args.dataset_dir is not None and layouts.needs_unpacking(Path(args.dataset_dir)):
@@ -308,9 +314,11 @@ def run(args: argparse.Namespace, layout: distributed.Layout) -> Dict[str, Path]
     results: Dict[str, Path] = {}
     for run_settings in runs:
         path = compute_scores(analyzer, train_dataset, query_dataset, run_settings, provenance, factors_record, layout)
-        results[run_settings.scores_name] = path
+        if normalized:
+            path = compute_normalized_scores(analyzer, train_dataset, query_dataset, run_settings, provenance, factors_record, path, layout)
+        results[run_settings.output_scores_name] = path
         if layout.is_main:
-            logger.info("scores `%s`: %s, shape %s", run_settings.scores_name, path, scores_shape(path))
+            logger.info("scores `%s`: %s, shape %s", run_settings.output_scores_name, path, scores_shape(path))
     if not layout.is_main:
         return results
     table = analyzer.profiler.summary() if settings.profile else ""

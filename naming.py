@@ -22,6 +22,11 @@ RUN_CONFIG_FILE = "run_config.json"
 LOCK_FILE = ".lock"
 HALF_SUFFIX = "_half"
 LOW_RANK_SUFFIX = "_qlr"
+# How pairwise scores may be rescaled (analyze.py --score_normalization): "none" is kronfluence's raw
+# scores; the others name their own results (`ekfac_relative`, `ekfac_qlr32_cosine`).
+NO_NORMALIZATION = "none"
+NORMALIZATIONS = (NO_NORMALIZATION, "relative", "cosine")
+NORMALIZATION_METADATA_KEY = "score_normalization"  # in a normalised score file's safetensors metadata
 
 
 def factors_name(strategy: str, use_half_precision: bool) -> str:
@@ -29,17 +34,34 @@ def factors_name(strategy: str, use_half_precision: bool) -> str:
     return strategy + (HALF_SUFFIX if use_half_precision else "")
 
 
-def scores_name(strategy: str, use_half_precision: bool, query_gradient_rank: Optional[int]) -> str:
-    """`ekfac`, `ekfac_half`, `ekfac_qlr32`, `ekfac_half_qlr32`: `None` rank means full rank."""
+def scores_name(
+    strategy: str, use_half_precision: bool, query_gradient_rank: Optional[int], normalization: str = NO_NORMALIZATION
+) -> str:
+    """`ekfac`, `ekfac_half`, `ekfac_qlr32`, `ekfac_half_qlr32`, `ekfac_qlr32_relative`: `None` rank means
+    full rank; the raw scores (normalization "none") carry no normalization suffix."""
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, not {normalization!r}")
     name = factors_name(strategy, use_half_precision)
     if query_gradient_rank is not None:
         name += f"{LOW_RANK_SUFFIX}{query_gradient_rank}"
+    if normalization != NO_NORMALIZATION:
+        name += f"_{normalization}"
     return name
+
+
+def split_normalization(name: str) -> Tuple[str, str]:
+    """(raw scores name, normalization) of a pairwise scores name: `ekfac_qlr32_cosine` ->
+    (`ekfac_qlr32`, `cosine`), `ekfac` -> (`ekfac`, `none`)."""
+    for normalization in NORMALIZATIONS[1:]:
+        suffix = f"_{normalization}"
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)], normalization
+    return name, NO_NORMALIZATION
 
 
 def rank_from_scores_name(name: str) -> Optional[int]:
     """The query-gradient rank a scores name was made with (`None` for full rank)."""
-    head, sep, tail = name.rpartition(LOW_RANK_SUFFIX)
+    head, sep, tail = split_normalization(name)[0].rpartition(LOW_RANK_SUFFIX)
     if sep and head and tail.isdigit():
         return int(tail)
     return None
@@ -62,6 +84,7 @@ def pairwise_scores_path(output_dir: str | Path, analysis_name: str, name: str) 
 
 
 SELF_SUFFIX = "_self"
+QUERY_SELF_SUFFIX = "_query_self"
 TOP_INFLUENCES_STEM = "top_influences"
 SELF_INFLUENCE_STEM = "self_influence"
 
@@ -106,9 +129,17 @@ def explorer_index(results_dir: str | Path) -> Path:
     return explorer_dir(results_dir) / EXPLORER_INDEX
 
 
+def query_self_scores_name(strategy: str, use_half_precision: bool) -> str:
+    """`ekfac_query_self`: each query's measurement gradient preconditioned and dotted with itself, the
+    query side of `--score_normalization cosine` (full rank, whatever the rank of the pairwise scores)."""
+    return factors_name(strategy, use_half_precision) + QUERY_SELF_SUFFIX
+
+
 def self_scores_name_for(scores_name: str) -> str:
     """The self-influence scores made with the same factors as pairwise scores `scores_name`:
-    `ekfac_qlr32` -> `ekfac_self` (self-influence is always full rank)."""
+    `ekfac_qlr32` -> `ekfac_self`, `ekfac_relative` -> `ekfac_self` (self-influence is always full rank
+    and never normalised)."""
+    scores_name = split_normalization(scores_name)[0]
     rank = rank_from_scores_name(scores_name)
     if rank is not None:
         scores_name = scores_name[: -len(f"{LOW_RANK_SUFFIX}{rank}")]

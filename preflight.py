@@ -31,6 +31,8 @@ logger = logging.getLogger("analyze")
 COUNT_BYTES = 8
 # Joining score partitions holds the growing joined matrix and its next, longer copy: twice the file.
 JOIN_MEMORY_FACTOR = 2
+# normalization.py writes its rescaled scores in float32 whatever the raw scores' precision.
+NORMALIZED_SCORE_BYTES = 4
 
 
 def size_text(num_bytes: float) -> str:
@@ -123,6 +125,14 @@ def plan_run(model: nn.Module, settings: AnalysisSettings, num_train: int, num_q
         scores_dir = naming.scores_dir(settings.output_dir, settings.analysis_name, settings.scores_name)
         for _ in range(score_files):
             _score_file(plan, scores_dir, PAIRWISE, num_queries * num_train * score_size, score_partitions(settings, num_train))
+        if settings.score_normalization != naming.NO_NORMALIZATION:
+            # normalization.py: the training set's self-influence, then a float32 copy of each score file,
+            # made in memory from the raw file and its self-influence vectors (no partitions to join).
+            self_dir = naming.scores_dir(settings.output_dir, settings.analysis_name, settings.self_scores_name)
+            _score_file(plan, self_dir, SELF, num_train * score_size, score_partitions(settings, num_train))
+            normalized_dir = naming.scores_dir(settings.output_dir, settings.analysis_name, settings.output_scores_name)
+            for _ in range(score_files):
+                _score_file(plan, normalized_dir, PAIRWISE, num_queries * num_train * NORMALIZED_SCORE_BYTES, 1)
     return plan
 
 

@@ -241,11 +241,14 @@ def compute_self_scores(
     provenance: Dict[str, Any],
     factors_record: Dict[str, Any],
     layout: distributed.Layout = distributed.Layout(),
+    scores_name: Optional[str] = None,
 ) -> Path:
     """Computes (or reuses) the self-influence score of every training example with the same factors:
     kronfluence's self scores, the training loss's gradient preconditioned and dotted with itself (always
-    full rank); returns the path of the score file (a vector of length num_train)."""
-    directory = analyzer.scores_output_dir(settings.self_scores_name)
+    full rank); returns the path of the score file (a vector of length num_train). `scores_name` (default:
+    the settings' self-scores name) is the results folder, for other examples' self scores (the queries')."""
+    scores_name = scores_name or settings.self_scores_name
+    directory = analyzer.scores_output_dir(scores_name)
     depends_on = {**scores_depends_on(settings, factors_record), **provenance["train"]}
     partitions = score_partitions(settings, len(train_dataset))
     resolved = {
@@ -259,7 +262,7 @@ def compute_self_scores(
 
     def compute(targets: Optional[List[int]]) -> None:
         analyzer.compute_self_scores(
-            scores_name=settings.self_scores_name,
+            scores_name=scores_name,
             factors_name=settings.factors_name,
             train_dataset=train_dataset,
             per_device_train_batch_size=settings.train_batch_size,
@@ -268,8 +271,8 @@ def compute_self_scores(
         )
 
     return compute_in_partitions(
-        directory, SELF, settings.self_scores_name, score_args, settings.seed, layout, compute,
-        lambda: analyzer.aggregate_self_scores(scores_name=settings.self_scores_name),
+        directory, SELF, scores_name, score_args, settings.seed, layout, compute,
+        lambda: analyzer.aggregate_self_scores(scores_name=scores_name),
     )
 
 

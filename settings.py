@@ -69,6 +69,7 @@ class AnalysisSettings:
     score_partitions: Optional[int] = None
     factor_partitions: Optional[int] = None  # None: one per factors.FACTOR_PARTITION_EXAMPLES fitted images
     factor_examples: int = FACTOR_MAX_EXAMPLES
+    score_normalization: str = naming.NO_NORMALIZATION  # naming.NORMALIZATIONS: pairwise scores rescaled (normalization.py)
 
     @property
     def factors_name(self) -> str:
@@ -77,6 +78,12 @@ class AnalysisSettings:
     @property
     def scores_name(self) -> str:
         return naming.scores_name(self.strategy, self.use_half_precision, self.query_gradient_rank)
+
+    @property
+    def output_scores_name(self) -> str:
+        """The pairwise scores this run hands to the user: the raw ones (`scores_name`), or their rescaled
+        copy with `score_normalization`."""
+        return naming.scores_name(self.strategy, self.use_half_precision, self.query_gradient_rank, self.score_normalization)
 
     @property
     def self_scores_name(self) -> str:
