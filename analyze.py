@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--factor_partitions", type=positive_int, help=f"Parts the covariance and lambda fits are done in; each is saved when done, so an interrupted fit loses at most one (default: one per {FACTOR_PARTITION_EXAMPLES:,} fitted images).")
     parser.add_argument("--check_images", action="store_true", help="Decode every training and query image before the analysis starts and stop with the list of unreadable files (one pass over the data, with --num_workers processes).")
     parser.add_argument("--score_normalization", choices=naming.NORMALIZATIONS, default=naming.NO_NORMALIZATION, help="Rescale the pairwise scores against the few high-gradient training images that top every list: none (kronfluence's scores, the default), relative (each training image's score divided by the square root of its self-influence: l-RelatIF), or cosine (the query's too: a cosine in the preconditioned inner product). Written as scores_NAME_relative/ or _cosine/ beside the raw scores; costs one self-influence pass over the training set (reused from --self_influence results), for cosine also one over the queries.")
-    parser.add_argument("--self_influence", action="store_true", help=f"Compute self-influence scores of every training image with the same factors (scores_STRATEGY[_half]{naming.SELF_SUFFIX}/{naming.SELF_SCORES_FILE}) INSTEAD of pairwise scores; run without it for pairwise scores (finished factors are reused either way). Not under torchrun on CPUs.")
+    parser.add_argument("--self_influence", action="store_true", help=f"Compute self-influence scores of every training image with the same factors (scores_STRATEGY[_half]{naming.SELF_SUFFIX}/{naming.SELF_SCORES_FILE}) INSTEAD of pairwise scores; run without it for pairwise scores (finished factors are reused either way).")
     parser.add_argument("--dist_timeout", type=positive_int, default=distributed.DEFAULT_TIMEOUT_S, help=f"Under torchrun: seconds a rank waits for the others in a collective before it fails (default: {distributed.DEFAULT_TIMEOUT_S}).")
     return parser
 
@@ -218,12 +218,6 @@ def run(args: argparse.Namespace, layout: distributed.Layout) -> Dict[str, Path]
     if args.checkpoint is not None:
         pipeline.check_checkpoint_path(args.checkpoint)
     normalized = settings.score_normalization != naming.NO_NORMALIZATION
-    if (args.self_influence or normalized) and layout.distributed and device == "cpu":
-        flag = "--self_influence" if args.self_influence else f"--score_normalization {settings.score_normalization}"
-        raise UserError(
-            f"{flag} is not supported under torchrun on CPUs (kronfluence_gloo_shim does not cover "
-            "self scores); run it as a single process, or on GPUs"
-        )
     if layout.distributed and args.dataset_dir is not None and layouts.needs_unpacking(Path(args.dataset_dir)):
         # The other ranks would wait for rank 0's hours of unpacking far past --dist_timeout.
         raise UserError(

@@ -94,6 +94,27 @@ def test_two_ranks_equal_one_process_in_half_precision(small_folder, resnet50_ch
     _assert_close(*scores, rtol=3e-2)
 
 
+def test_two_ranks_equal_one_process_for_self_influence_and_cosine_scores(tmp_path):
+    """Self-influence (training images and queries) and cosine scores under torchrun on the CPU, with the
+    tiny CNN of tests/small_model_cli.py and 7 training images: an uneven split between the ranks."""
+    folder = write_image_folder(tmp_path / "imagenet", {"train": {"n01": 4, "n02": 3}, "val": {"n01": 2, "n02": 2}})
+    common = [
+        "--dataset_dir", str(folder), "--weights", "none", "--num_workers", "0", "--factor_strategy", "ekfac",
+        "--damping_factor", "heuristic", "--num_queries", "3", "--train_batch_size", "2", "--query_batch_size", "1",
+        "--score_normalization", "cosine",
+    ]
+    cli = str(REPO_ROOT / "tests" / "small_model_cli.py")
+    single = subprocess.run([sys.executable, cli, *common, "--output_dir", str(tmp_path / "single")], env=ENV, capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    multi = subprocess.run([*TORCHRUN, cli, *common, "--output_dir", str(tmp_path / "ddp")], env=ENV, capture_output=True, text=True, timeout=600)
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    for name, file_name in (("ekfac_self", naming.SELF_SCORES_FILE), ("ekfac_query_self", naming.SELF_SCORES_FILE),
+                            ("ekfac_cosine", naming.PAIRWISE_SCORES_FILE)):
+        paths = [naming.scores_dir(tmp_path / d, "imagenet", name) / file_name for d in ("single", "ddp")]
+        assert load_file(str(paths[1]))[naming.SCORES_KEY].shape[-1] == (3 if name == "ekfac_query_self" else 7)
+        _assert_close(*paths, rtol=1e-4)
+
+
 def _rank_pids(launcher: subprocess.Popen) -> dict:
     """{rank: pid} of the worker processes torchrun started."""
     pids = {}

@@ -67,6 +67,9 @@ def test_statistics_equal_independent_computations():
     top10 = np.argsort(-scores.numpy())[:10]
     assert detection["recall_top2x"] == pytest.approx(truth[top10].sum() / 5)
     assert detection["planted_above_median"] == (scores.numpy()[planted] > np.median(scores.numpy())).mean()
+    assert detection["recall_top10pct"] == pytest.approx(truth[np.argsort(-scores.numpy())[:20]].sum() / 5)
+    low, high = detection["auc_95"]
+    assert low < detection["auc"] < high and high - low > 0.05  # 5 positives: a wide interval
     pairwise = torch.tensor([[5.0, 4.0, 0.0, 3.0], [0.0, 1.0, 2.0, 3.0]])
     train_labels, query_labels = torch.tensor([1, 1, 0, 0]), torch.tensor([1, 0])
     # top-10 of 4 images is all of them: half carry each query's label
@@ -75,13 +78,25 @@ def test_statistics_equal_independent_computations():
     assert margins.item() == pytest.approx(2.0 - np.log(2.0))
 
 
-def test_smallest_run_finds_labels_and_planted_mislabels(tmp_path):
-    """The whole validation at its smallest: a trained model, EKFAC and identity scores, EKFAC
-    self-influence (no low-rank comparison, no removal test)."""
+def test_smallest_run_finds_labels_planted_mislabels_and_reports_lds(tmp_path):
+    """The whole validation at its smallest: a trained model, EKFAC and identity scores (identity also
+    relative and cosine, so its self-influence of every training image), 4 + 1 LDS retrainings (no
+    low-rank comparison)."""
     result = trained_digits.validate(trained_digits.TEST, tmp_path / "work", tmp_path / "results", tmp_path / "figures")
     json.dumps(result)  # the report is JSON as it stands
     assert result["val_accuracy"] > 0.5 and result["test_accuracy"] > 0.5  # chance: 0.1
-    assert result["same_label_share_top10"]["ekfac"] > 2 * result["chance_same_label"]
-    assert result["mislabel_above_median"]["ekfac"] > 0.5  # most planted mislabels rank above the median
-    assert result["mislabel_auc"]["ekfac"] > 0.5
-    assert (tmp_path / "figures" / "self_influence_trained_digits_test_planted.png").is_file()
+    shares = result["same_label_share_top10"]
+    assert set(shares) == {"none", "relative", "cosine"} and set(shares["relative"]) == {"identity"}
+    assert shares["none"]["ekfac"] > 2 * result["chance_same_label"]
+    assert result["mislabel"]["identity"]["planted_above_median"] > 0.5  # most planted mislabels rank above the median
+    assert result["mislabel"]["identity"]["auc"] > 0.5
+    assert set(result["lds"]) == {"identity", "ekfac"} and set(result["lds"]["identity"]) == {"none", "relative", "cosine"}
+    for by_normalization in result["lds"].values():
+        for value in by_normalization.values():
+            assert value["num_queries"] == result["num_queries"] and -1 <= value["mean"] <= 1
+    assert result["lds_subsets"] == 4 and result["lds_ceiling"]["num_subsets"] == 1
+    assert 0 <= result["lds_ceiling"]["mean"] <= 1
+    assert len(list((tmp_path / "work" / "lds").glob("*.json"))) == 5
+    for name in ("self_influence_trained_digits_test_planted.png", "lds_trained_digits_test.png"):
+        assert (tmp_path / "figures" / name).is_file()
+    print(trained_digits.report_table(result))

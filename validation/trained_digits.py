@@ -1,15 +1,16 @@
 """Do the scores mean anything on a trained model and real images? Answered offline on scikit-learn's
 handwritten digits (real scans that ship inside scikit-learn), written as an ImageNet-layout folder with
 planted mislabels, and a torchvision ResNet-50 trained on them here from random init. Then the suite's own
-command lines run on that checkpoint and folder as a user would run them (analyze.py with each strategy
-and rank, query_batching_analysis.py, top_influences.py, analyze.py --self_influence), and the answers are
-checked against what is known: the label of each query, the planted mislabels, and the margins of models
-retrained without the most helpful training images (the counterfactual check).
+command lines run on that checkpoint and folder as a user would run them (analyze.py with each strategy,
+rank and score normalisation, query_batching_analysis.py, top_influences.py, analyze.py --self_influence),
+and the answers are checked against what is known: the label of each query, the planted mislabels, and
+the margins of models retrained on random halves of the training set (the linear datamodeling score,
+validation/lds.py, with its noise ceiling).
 
     python -m validation.trained_digits [--quick] [--json PATH]
 
-Prints a table and writes a JSON report; finished steps (folder, checkpoint, factors, scores) are reused
-when the same command runs again."""
+Prints a table and writes a JSON report; finished steps (folder, checkpoint, factors, scores,
+retrainings) are reused when the same command runs again."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import subprocess
 import sys
 import time
@@ -25,25 +27,22 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
+from scipy.stats import bootstrap
 from sklearn.metrics import roc_auc_score
-from torch.utils import data
 
 import naming
 import pipeline
 from cli import UserError, setup_logging, user_errors
 from query_batching_analysis import check_writable
-from factors import fit_factors
-from records import dataset_provenance, write_json_atomically
-from scoring import compute_self_scores, load_scores
-from settings import AnalysisSettings
-from task import make_analyzer
-from validation import digits
+from records import write_json_atomically
+from scoring import load_scores
+from settings import STRATEGIES
+from validation import digits, lds
 
 PROG = "trained_digits.py"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 logger = logging.getLogger(PROG)
 
-STRATEGIES = ("identity", "diagonal", "kfac", "ekfac")
 SEED_SPEARMAN = 0.94  # upstream's low-rank (rank 32) against full-rank figure on ImageNet
 TOP_K = 10
 SEED = 0
@@ -51,6 +50,11 @@ ANALYSIS_BATCH_SIZE = 32  # training images per batch in every phase
 QUERY_BATCH_SIZE = 40
 SELF_GRID_COLUMNS = 8
 SELF_GRID_IMAGES = 24
+BOOTSTRAP_RESAMPLES = 1000
+TOP_FRACTION = 0.1  # kronfluence's mislabel measure: the share of planted mislabels in the top 10% of self-influence
+NORMALIZED = naming.NORMALIZATIONS[1:]
+RELATIVE = NORMALIZED[0]
+FULL_MINUTES, QUICK_MINUTES = 60, 25  # measured wall-clock on 2 cores, from nothing (docs/validation.md)
 PROBE_NAME = "probe"  # a file name inside each output folder: check_writable checks its folder
 
 
@@ -61,51 +65,52 @@ class RunSize:
     name: str
     layout: digits.DigitsLayout
     strategies: Sequence[str]  # pairwise scores at full rank, each with its own factors
+    normalized_strategies: Sequence[str]  # also relative and cosine (and so the self-influence of every training image)
     training: digits.Training
     factor_examples: int  # training images the covariance and lambda factors are fitted on (analyze.py --factor_examples)
     preprocessing: pipeline.Preprocessing
     low_ranks: Sequence[int]
-    removal_queries_per_class: int  # the removal test's queries: the first N validation images of each class
-    removal_per_query: int  # each query's most helpful training images (by EKFAC) left out of the retraining
-    self_influence_strategies: Sequence[str]  # by analyze.py --self_influence, every training image
-    sampled_self_influence_strategies: Sequence[str]  # on a sample: every planted mislabel and `self_influence_sample` others
-    self_influence_sample: int
+    self_influence_strategies: Sequence[str]  # listed by top_influences.py --self
+    lds_subsets: int  # random halves of the training set, each retrained once (seed SEED)
+    lds_ceiling_subsets: int  # the first of them retrained again from seed SEED + 1, for the noise ceiling
 
 
 FULL = RunSize(
     name="trained_digits",
     layout=digits.DigitsLayout(seed=SEED, num_images=1000, val_per_class=8),
     strategies=STRATEGIES,
+    normalized_strategies=STRATEGIES,
     training=digits.Training(epochs=10),
     factor_examples=300,
     preprocessing=pipeline.Preprocessing(resize_size=54, crop_size=48),
     low_ranks=(32, 8),
-    removal_queries_per_class=1,
-    removal_per_query=5,
     self_influence_strategies=("identity", "diagonal"),
-    sampled_self_influence_strategies=("ekfac", "kfac"),
-    self_influence_sample=150,
+    lds_subsets=32,
+    lds_ceiling_subsets=4,
 )
 QUICK = dataclasses.replace(
     FULL,
     name="trained_digits_quick",
     layout=digits.DigitsLayout(seed=SEED, num_images=600, val_per_class=4),
     strategies=("identity", "diagonal", "ekfac"),
+    normalized_strategies=("identity", "diagonal", "ekfac"),
     factor_examples=100,
     low_ranks=(32,),
-    sampled_self_influence_strategies=("ekfac",),
-    self_influence_sample=40,
+    lds_subsets=12,
+    lds_ceiling_subsets=3,
 )
-# The test suite's: the smallest run whose numbers still mean something (a few minutes).
+# The test suite's: the smallest run whose numbers still mean something (a few minutes). EKFAC's
+# self-influence of every training image (the normalisations) would take most of it, so only identity's.
 TEST = dataclasses.replace(
     QUICK,
     name="trained_digits_test",
     layout=digits.DigitsLayout(seed=SEED, num_images=400, val_per_class=2),
     strategies=("identity", "ekfac"),
+    normalized_strategies=("identity",),
     low_ranks=(),
-    removal_per_query=0,
     self_influence_strategies=(),
-    self_influence_sample=30,
+    lds_subsets=4,
+    lds_ceiling_subsets=1,
 )
 
 
@@ -115,11 +120,13 @@ def checkpoint_path(work_dir: Path, excluded_name: str = "") -> Path:
 
 def figure_paths(figure_dir: Path, size: RunSize) -> Dict[str, Path]:
     """The run's figures: the low-rank comparison (the full run's is the suite's headline
-    `figure/query_batching.png`) and the self-influence grid with the planted mislabels marked."""
+    `figure/query_batching.png`), the self-influence grid with the planted mislabels marked, and the LDS
+    per strategy and normalisation."""
     suffix = "" if size is FULL else f"_{size.name}"
     return {
         "query_batching": figure_dir / f"query_batching{suffix}.png",
         "self_influence": figure_dir / f"self_influence_{size.name}_planted.png",
+        "lds": figure_dir / f"lds_{size.name}.png",
     }
 
 
@@ -168,26 +175,33 @@ def same_label_share(scores: torch.Tensor, query_labels: torch.Tensor, train_lab
     return (train_labels[top] == query_labels[:, None]).double().mean().item()
 
 
-def mislabel_detection(self_scores: torch.Tensor, planted: Sequence[int]) -> Dict[str, float]:
-    """ROC AUC of the self-influence scores for telling planted mislabels from the rest, the share of them
-    found among the top 2 x planted, and the share of them above the median score."""
+def pair_order_share(high: np.ndarray, low: np.ndarray) -> float:
+    """The share of pairs (one of `high`, one of `low`) in which `high`'s is larger, ties counting half:
+    the ROC AUC of `high` against `low`."""
+    return float((high[:, None] > low[None, :]).mean() + 0.5 * (high[:, None] == low[None, :]).mean())
+
+
+def mislabel_detection(self_scores: torch.Tensor, planted: Sequence[int]) -> Dict[str, Any]:
+    """How well the self-influence scores tell the planted mislabels from the rest: ROC AUC with a 95%
+    percentile bootstrap interval (BOOTSTRAP_RESAMPLES stratified resamples, seeded), the share
+    of them among the top 2 x planted, among the top 10% (kronfluence's own measure), and above the median."""
     scores = self_scores.double().numpy()
     is_planted = np.zeros(len(scores), dtype=bool)
     is_planted[list(planted)] = True
-    top = np.argsort(-scores, kind="stable")[: 2 * len(planted)]
+    order = np.argsort(-scores, kind="stable")
+    # Planted and clean images resampled apart (a stratified bootstrap): every resample keeps the planted
+    # count, so none lacks a positive. The AUC of two samples: the share of (planted, clean) pairs in order.
+    interval = bootstrap(
+        (scores[is_planted], scores[~is_planted]), pair_order_share, vectorized=False,
+        n_resamples=BOOTSTRAP_RESAMPLES, method="percentile", random_state=np.random.default_rng(SEED),
+    ).confidence_interval
     return {
         "auc": float(roc_auc_score(is_planted, scores)),
-        "recall_top2x": float(is_planted[top].sum() / len(planted)),
+        "auc_95": [float(interval.low), float(interval.high)],
+        "recall_top2x": float(is_planted[order[: 2 * len(planted)]].sum() / len(planted)),
+        "recall_top10pct": float(is_planted[order[: math.ceil(TOP_FRACTION * len(scores))]].sum() / len(planted)),
         "planted_above_median": float((scores[is_planted] > np.median(scores)).mean()),
     }
-
-
-def removal_sets(scores: torch.Tensor, queries: Sequence[int], per_query: int, num_train: int) -> Dict[str, List[int]]:
-    """The training images the removal test leaves out: each query's `per_query` most helpful ones (by
-    EKFAC, full rank), and as many drawn at random (seeded)."""
-    helpful = sorted({int(i) for query in queries for i in scores[query].topk(per_query).indices.tolist()})
-    random = np.random.default_rng(SEED).choice(num_train, size=len(helpful), replace=False)
-    return {"helpful": helpful, "random": sorted(int(i) for i in random)}
 
 
 def analyze_argv(data_dir: Path, checkpoint: Path, output_dir: Path, size: RunSize) -> List[str]:
@@ -204,27 +218,36 @@ def analyze_argv(data_dir: Path, checkpoint: Path, output_dir: Path, size: RunSi
     ]
 
 
+def pairwise_path(output_dir: Path, size: RunSize, strategy: str, normalization: str = naming.NO_NORMALIZATION, rank: Optional[int] = None) -> Path:
+    return naming.pairwise_scores_path(output_dir, size.name, naming.scores_name(strategy, False, rank, normalization))
+
+
 def run_suite(steps: Steps, argv: List[str], size: RunSize, num_queries: int, figure_dir: Path) -> Dict[str, Any]:
-    """The suite's commands on the trained model: pairwise scores per strategy (full rank) and per EKFAC
-    rank, the low-rank comparisons, one query's top influences, and self-influence per strategy.
-    Returns the low-rank comparison summaries by rank."""
+    """The suite's commands on the trained model: pairwise scores per strategy (full rank, raw and, for
+    the normalised strategies, relative and cosine) and per EKFAC rank, the low-rank comparisons, one
+    query's top influences (raw and relative EKFAC), and the self-influence listings. Returns the low-rank
+    comparison summaries by rank."""
     output_dir = Path(argv[argv.index("--output_dir") + 1])
     data_dir = argv[argv.index("--dataset_dir") + 1]
     queries = ["--num_queries", str(num_queries), "--query_batch_size", str(min(num_queries, QUERY_BATCH_SIZE))]
     for strategy in sorted(size.strategies, key=STRATEGIES.index, reverse=True):  # EKFAC, the answer that matters most, first
         steps.run("analyze.py", *argv, *queries, "--factor_strategy", strategy)
+        if strategy in size.normalized_strategies:
+            for normalization in NORMALIZED:  # relative first: its self-influence pass is cosine's too
+                steps.run("analyze.py", *argv, *queries, "--factor_strategy", strategy, "--score_normalization", normalization)
     comparisons = {}
     for rank in size.low_ranks:
         steps.run("analyze.py", *argv, *queries, "--factor_strategy", "ekfac", "--query_gradient_rank", str(rank))
-        full = naming.pairwise_scores_path(output_dir, size.name, naming.scores_name("ekfac", False, None))
-        low = naming.pairwise_scores_path(output_dir, size.name, naming.scores_name("ekfac", False, rank))
+        full, low = pairwise_path(output_dir, size, "ekfac"), pairwise_path(output_dir, size, "ekfac", rank=rank)
         figure = figure_paths(figure_dir, size)["query_batching"] if rank == max(size.low_ranks) else output_dir / size.name / f"query_batching_rank{rank}.png"
         summary = figure.with_suffix(".json")
         steps.run("query_batching_analysis.py", "--full_scores", str(full), "--low_rank_scores", str(low),
                   "--figure", str(figure), "--summary", str(summary))
         comparisons[rank] = json.loads(summary.read_text())["statistics"]
-    steps.run("top_influences.py", "--dataset_dir", data_dir, "--output_dir", str(output_dir), "--analysis_name", size.name,
-              "--queries", "0", "--figure_dir", str(figure_dir))
+    shown = ["--dataset_dir", data_dir, "--output_dir", str(output_dir), "--analysis_name", size.name, "--queries", "0", "--figure_dir", str(figure_dir)]
+    steps.run("top_influences.py", *shown)
+    if "ekfac" in size.normalized_strategies:
+        steps.run("top_influences.py", *shown, "--score_normalization", RELATIVE)
     for strategy in size.self_influence_strategies:
         steps.run("analyze.py", *argv, "--factor_strategy", strategy, "--self_influence")
         steps.run("top_influences.py", "--dataset_dir", data_dir, "--output_dir", str(output_dir), "--analysis_name", size.name,
@@ -232,34 +255,14 @@ def run_suite(steps: Steps, argv: List[str], size: RunSize, num_queries: int, fi
     return comparisons
 
 
-def sampled_self_influence(strategy: str, size: RunSize, data_dir: Path, checkpoint: Path, output_dir: Path, positions: Sequence[int]) -> torch.Tensor:
-    """Self-influence of the training images at `positions` with the factors analyze.py fitted on the whole
-    training set (reused, by the same record), through the suite's own factors and scoring code: EKFAC and
-    KFAC precondition each training gradient in the eigenbasis of every layer, about 10^11 floating-point
-    operations per image for ResNet-50 whatever the crop, so every image would not fit the time budget."""
-    settings = AnalysisSettings(
-        strategy=strategy, damping_factor=None, train_batch_size=ANALYSIS_BATCH_SIZE, num_workers=0,
-        output_dir=str(output_dir), analysis_name=size.name, factor_examples=size.factor_examples, overwrite=True,
-    )
-    train = pipeline.get_imagenet_dataset("train", data_dir, preprocessing=size.preprocessing)
-    sample = data.Subset(train, list(positions))
-    source = f"checkpoint sha256:{pipeline.file_sha256(checkpoint)}"
-    analyzer = make_analyzer(pipeline.build_model(weights=None, checkpoint=checkpoint), settings)
-    factors = fit_factors(analyzer, train, settings, dataset_provenance(train, data.Subset(train, []), source))
-    path = compute_self_scores(analyzer, sample, settings, dataset_provenance(sample, data.Subset(train, []), source), factors)
-    return load_scores(path).clone()
-
-
-def draw_planted_grid(path: Path, self_scores: torch.Tensor, positions: Sequence[int], train_paths: Sequence[str],
-                      train_labels: torch.Tensor, record: Dict[str, Any], data_dir: Path, preprocessing: pipeline.Preprocessing,
-                      count: int) -> None:
-    """The `count` training images with the highest EKFAC self-influence (`self_scores[i]` is that of the
-    training image at `positions[i]`), each captioned with its rank, training index, folder label and, for
-    a planted mislabel, PLANTED and its true digit."""
+def draw_planted_grid(path: Path, strategy: str, self_scores: torch.Tensor, train_paths: Sequence[str], train_labels: torch.Tensor,
+                      record: Dict[str, Any], data_dir: Path, preprocessing: pipeline.Preprocessing, count: int) -> None:
+    """The `count` training images with the highest self-influence by `strategy`, each captioned with its
+    rank, training index, folder label and, for a planted mislabel, PLANTED and its true digit."""
     from top_influences import draw_grid  # pylint: disable=import-outside-toplevel
 
     true_label = {entry["path"]: entry["true_label"] for entry in record["mislabels"]}
-    top = [positions[i] for i in self_scores.topk(count).indices.tolist()]
+    top = self_scores.topk(count).indices.tolist()
     cells: List[List[Optional[tuple]]] = []
     for rank, position in enumerate(top, 1):
         if (rank - 1) % SELF_GRID_COLUMNS == 0:
@@ -269,8 +272,35 @@ def draw_planted_grid(path: Path, self_scores: torch.Tensor, positions: Sequence
         caption += f"\nPLANTED (true {true_label[relative]})" if relative in true_label else "\n"
         cells[-1].append((str(data_dir / relative), caption))
     found = sum(train_paths[position] in true_label for position in top)
-    draw_grid(path, cells, f"highest EKFAC self-influence on the digits: {found} of the top {count} are planted "
-              f"mislabels ({len(true_label)} planted among the {len(positions)} scored)", preprocessing.view())
+    draw_grid(path, cells, f"highest {strategy.upper()} self-influence on the digits: {found} of the top {count} are planted "
+              f"mislabels ({len(true_label)} planted among the {len(train_paths)} training images)", preprocessing.view())
+
+
+def draw_lds_figure(path: Path, lds_result: Dict[str, Dict[str, Dict[str, Any]]], ceiling: Dict[str, Any], num_subsets: int) -> None:
+    """LDS per strategy and normalisation as grouped bars, the noise ceiling as a line."""
+    import matplotlib  # pylint: disable=import-outside-toplevel
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt  # pylint: disable=import-outside-toplevel
+
+    strategies = list(lds_result)
+    width = 0.8 / len(naming.NORMALIZATIONS)
+    figure, axes = plt.subplots(figsize=(7, 3.6))
+    for offset, normalization in enumerate(naming.NORMALIZATIONS):
+        values = [lds_result[s].get(normalization, {}).get("mean") for s in strategies]
+        positions = [i + (offset - (len(naming.NORMALIZATIONS) - 1) / 2) * width for i in range(len(strategies))]
+        axes.bar(positions, [np.nan if v is None else v for v in values], width, label=normalization)
+    if ceiling["mean"] is not None:
+        axes.axhline(ceiling["mean"], color="black", linestyle="--", linewidth=1, label=f"noise ceiling ({ceiling['num_subsets']} subsets, 2 seeds)")
+    axes.axhline(0, color="grey", linewidth=0.5)
+    axes.set_xticks(range(len(strategies)), strategies)
+    axes.set_ylabel("LDS (mean Spearman over queries)")
+    axes.set_title(f"Linear datamodeling score: {num_subsets} retrainings on random halves")
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
 
 
 def report_table(result: Dict[str, Any]) -> str:
@@ -280,49 +310,52 @@ def report_table(result: Dict[str, Any]) -> str:
         f"crop {result['crop_size']} px",
         f"  train accuracy (given labels) {result['train_accuracy']:.3f}   val accuracy {result['val_accuracy']:.3f} "
         f"({result['num_queries']} images, the queries)   test accuracy {result['test_accuracy']:.3f}",
-        f"  {'strategy':<10}{'same label, top-10 helpful':>28}{'mislabel ROC AUC':>18}{'recall, top 2x':>16}",
+        f"  {'strategy':<10}{'normalisation':<14}{'same label, top-10':>20}{'LDS (Spearman)':>16}",
     ]
-    for strategy in result["same_label_share_top10"]:
-        auc = result["mislabel_auc"].get(strategy)
-        recall = result["mislabel_recall_top2x"].get(strategy)
-        lines.append(
-            f"  {strategy:<10}{result['same_label_share_top10'][strategy]:>28.3f}"
-            f"{'-' if auc is None else f'{auc:.3f}':>18}{'-' if recall is None else f'{recall:.3f}':>16}"
-        )
-    lines.append(f"  chance: same label {result['chance_same_label']:.3f}, ROC AUC 0.5, recall "
-                 + ", ".join(f"{value:.3f} ({strategy})" for strategy, value in result["chance_recall_top2x"].items()))
-    for strategy, scored in result["self_influence_scored"].items():
-        lines.append(f"  self-influence ({strategy}) scored on {scored}")
+    for strategy, by_normalization in result["lds"].items():
+        for normalization, lds_value in by_normalization.items():
+            share = result["same_label_share_top10"][normalization][strategy]
+            lines.append(f"  {strategy:<10}{normalization:<14}{share:>20.3f}{lds_value['mean']:>16.3f}")
+    ceiling = result["lds_ceiling"]
+    lines.append(f"  LDS over {result['lds_subsets']} retrainings on random halves; noise ceiling {ceiling['mean']:.3f} "
+                 f"({ceiling['statistic']}, {ceiling['num_subsets']} subsets retrained from a second seed); chance: same label "
+                 f"{result['chance_same_label']:.3f}, LDS 0")
+    lines.append(f"  {'strategy':<10}{'mislabel ROC AUC (95% bootstrap)':>34}{'top 2x':>9}{'top 10%':>9}   (self-influence of all {result['num_train']})")
+    for strategy, value in result["mislabel"].items():
+        lines.append(f"  {strategy:<10}{value['auc']:>17.3f} [{value['auc_95'][0]:.3f}, {value['auc_95'][1]:.3f}]"
+                     f"{value['recall_top2x']:>11.3f}{value['recall_top10pct']:>9.3f}")
+    lines.append(f"  chance: ROC AUC 0.5, top 2x {result['chance_recall_top2x']:.3f}, top 10% {TOP_FRACTION:.3f}")
     for rank, stats in result["low_rank"].items():
         lines.append(
             f"  EKFAC rank {rank} vs full rank, per query: Spearman mean {stats['spearman_mean']:.4f}, minimum "
             f"{stats['spearman_min']:.4f}; top-10 overlap mean {stats['top10_overlap_mean']:.3f} (upstream on ImageNet, rank 32: {SEED_SPEARMAN})"
         )
-    removal = result["removal"]
-    if removal:
-        drop = removal["margin_drop"]
-        lines.append(
-            f"  removal test ({removal['num_queries']} queries, {removal['num_removed']} training images left out, "
-            f"retrained): mean margin drop {drop['helpful']:+.3f} without the most helpful, {drop['random']:+.3f} without random ones"
-        )
     lines.append(f"  {result['seconds']:.0f} s in all")
     return "\n".join(lines)
 
 
-def removal_test(size: RunSize, ekfac_scores: torch.Tensor, tensors: Dict[str, torch.Tensor], base: torch.nn.Module, work_dir: Path) -> Dict[str, Any]:
-    """Retrains from the same seed without each query's most helpful training images, and again without as
-    many random ones; returns how far the queries' margins fell in each case (positive: fell)."""
-    per_class = size.removal_queries_per_class
-    queries = [int(i) for label in range(digits.NUM_CLASSES) for i in (tensors["val_labels"] == label).nonzero().flatten()[:per_class]]
-    removed = removal_sets(ekfac_scores, queries, size.removal_per_query, len(tensors["train_labels"]))
-    query_images, query_labels = tensors["val_images"][queries], tensors["val_labels"][queries]
-    before = digits.margins(digits.logits_of(base, query_images), query_labels)
-    drops = {}
-    for kind, excluded in removed.items():
-        model = trained_checkpoint(checkpoint_path(work_dir, f"_without_{kind}"), tensors["train_images"], tensors["train_labels"], size, excluded)
-        after = digits.margins(digits.logits_of(model, query_images), query_labels)
-        drops[kind] = (before - after).mean().item()
-    return {"queries": queries, "num_queries": len(queries), "num_removed": len(removed["helpful"]), "removed": removed, "margin_drop": drops}
+def lds_report(size: RunSize, tensors: Dict[str, torch.Tensor], pairwise: Dict[str, Dict[str, torch.Tensor]], work_dir: Path) -> Dict[str, Any]:
+    """Retrains (or reuses) the LDS models and scores every strategy and normalisation against them."""
+    train_images, train_labels = tensors["train_images"], tensors["train_labels"]
+    masks = lds.draw_subsets(len(train_labels), size.lds_subsets, SEED)
+
+    def train_and_measure(mask: np.ndarray, seed: int) -> torch.Tensor:
+        model = digits.train_resnet50(train_images, train_labels, size.training, seed, np.flatnonzero(~mask).tolist())
+        return digits.margins(digits.logits_of(model, tensors["val_images"]), tensors["val_labels"])
+
+    record = {"layout": dataclasses.asdict(size.layout), "training": dataclasses.asdict(size.training),
+              "preprocessing": dataclasses.asdict(size.preprocessing), "num_queries": len(tensors["val_labels"])}
+    retrainings = [lds.Retraining(subset, SEED) for subset in range(size.lds_subsets)]
+    retrainings += [lds.Retraining(subset, SEED + 1) for subset in range(size.lds_ceiling_subsets)]
+    margins = lds.measured_margins(retrainings, masks, work_dir / "lds", record, train_and_measure)
+    measured, second = margins[: size.lds_subsets], margins[size.lds_subsets :]
+    return {
+        "lds": {strategy: {normalization: lds.linear_datamodeling_score(scores, masks, measured) for normalization, scores in by_normalization.items()}
+                for strategy, by_normalization in pairwise.items()},
+        "lds_ceiling": lds.noise_ceiling(measured, measured[: size.lds_ceiling_subsets], second),
+        "lds_subsets": size.lds_subsets,
+        "lds_subset_size": int(masks[0].sum()),
+    }
 
 
 def validate(size: RunSize, work_dir: Path, output_dir: Path, figure_dir: Path) -> Dict[str, Any]:
@@ -341,23 +374,19 @@ def validate(size: RunSize, work_dir: Path, output_dir: Path, figure_dir: Path) 
     num_queries = len(tensors["val_labels"])
     steps = Steps(work_dir)
     comparisons = run_suite(steps, analyze_argv(data_dir, checkpoint, output_dir, size), size, num_queries, figure_dir)
-    pairwise = {s: load_scores(naming.pairwise_scores_path(output_dir, size.name, naming.scores_name(s, False, None))) for s in size.strategies}
-    detection = {
-        s: mislabel_detection(load_scores(naming.self_scores_path(output_dir, size.name, naming.self_scores_name(s, False))), planted)
-        for s in size.self_influence_strategies
+    pairwise = {
+        strategy: {normalization: load_scores(pairwise_path(output_dir, size, strategy, normalization))
+                   for normalization in naming.NORMALIZATIONS if normalization == naming.NO_NORMALIZATION or strategy in size.normalized_strategies}
+        for strategy in sorted(size.strategies, key=STRATEGIES.index)
     }
-    clean = sorted(set(range(len(train_paths))) - set(planted))
-    sample = sorted(planted + np.random.default_rng(SEED).choice(clean, size=size.self_influence_sample, replace=False).tolist())
-    in_sample = [sample.index(position) for position in planted]
-    for strategy in size.sampled_self_influence_strategies:
-        print(f"[--] self-influence ({strategy}) of {len(sample)} training images: the {len(planted)} planted mislabels and "
-              f"{size.self_influence_sample} others drawn at random", flush=True)
-        scores = sampled_self_influence(strategy, size, data_dir, checkpoint, output_dir, sample)
-        detection[strategy] = mislabel_detection(scores, in_sample)
-        if strategy == "ekfac":
-            draw_planted_grid(figure_paths(figure_dir, size)["self_influence"], scores, sample, train_paths,
-                              tensors["train_labels"], record, data_dir, size.preprocessing, min(SELF_GRID_IMAGES, len(sample)))
-    removal = removal_test(size, pairwise["ekfac"], tensors, model, work_dir) if size.removal_per_query else None
+    # Self-influence of every training image, from the normalisations' pass: every strategy on the same images.
+    self_scores = {s: load_scores(naming.self_scores_path(output_dir, size.name, naming.self_scores_name(s, False))) for s in size.normalized_strategies}
+    grid_strategy = "ekfac" if "ekfac" in self_scores else size.normalized_strategies[-1]
+    draw_planted_grid(figure_paths(figure_dir, size)["self_influence"], grid_strategy, self_scores[grid_strategy], train_paths,
+                      tensors["train_labels"], record, data_dir, size.preprocessing, min(SELF_GRID_IMAGES, len(train_paths)))
+    print(f"[--] LDS: {size.lds_subsets} retrainings on random halves of the training set, {size.lds_ceiling_subsets} again from a second seed", flush=True)
+    counterfactual = lds_report(size, tensors, pairwise, work_dir)
+    draw_lds_figure(figure_paths(figure_dir, size)["lds"], counterfactual["lds"], counterfactual["lds_ceiling"], size.lds_subsets)
     train_labels, query_labels = tensors["train_labels"], tensors["val_labels"]
     return {
         "run": size.name,
@@ -371,18 +400,13 @@ def validate(size: RunSize, work_dir: Path, output_dir: Path, figure_dir: Path) 
         "val_accuracy": accuracy["val"],
         "test_accuracy": accuracy["test"],
         "chance_same_label": (train_labels[None, :] == query_labels[:, None]).double().mean().item(),
-        "same_label_share_top10": {s: same_label_share(scores, query_labels, train_labels) for s, scores in pairwise.items()},
-        "mislabel_auc": {s: value["auc"] for s, value in detection.items()},
-        "mislabel_recall_top2x": {s: value["recall_top2x"] for s, value in detection.items()},
-        "mislabel_above_median": {s: value["planted_above_median"] for s, value in detection.items()},
-        "chance_recall_top2x": {
-            **{s: 2 * len(planted) / len(train_labels) for s in size.self_influence_strategies},
-            **{s: 2 * len(planted) / len(sample) for s in size.sampled_self_influence_strategies},
+        "same_label_share_top10": {
+            normalization: {s: same_label_share(by[normalization], query_labels, train_labels) for s, by in pairwise.items() if normalization in by}
+            for normalization in naming.NORMALIZATIONS
         },
-        "self_influence_scored": {
-            **{s: f"all {len(train_labels)} training images" for s in size.self_influence_strategies},
-            **{s: f"{len(sample)} training images: the {len(planted)} planted and {size.self_influence_sample} drawn at random" for s in size.sampled_self_influence_strategies},
-        },
+        **counterfactual,
+        "mislabel": {s: mislabel_detection(scores, planted) for s, scores in self_scores.items()},
+        "chance_recall_top2x": 2 * len(planted) / len(train_labels),
         "low_rank": {
             str(rank): {
                 "spearman_mean": stats["Spearman"]["mean"], "spearman_min": stats["Spearman"]["minimum"],
@@ -390,9 +414,6 @@ def validate(size: RunSize, work_dir: Path, output_dir: Path, figure_dir: Path) 
             }
             for rank, stats in comparisons.items()
         },
-        "low_rank_spearman_mean": {str(rank): stats["Spearman"]["mean"] for rank, stats in comparisons.items()},
-        "removal_margin_drop": removal["margin_drop"] if removal else {},
-        "removal": removal,
         "figures": {name: str(path) for name, path in figure_paths(figure_dir, size).items()},
         "seconds": time.perf_counter() - start,
     }
@@ -400,9 +421,9 @@ def validate(size: RunSize, work_dir: Path, output_dir: Path, figure_dir: Path) 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help=f"A smaller run ({QUICK.layout.num_images} of the 1,797 scans, no KFAC, rank 32 only, {QUICK.self_influence_sample} sampled images for EKFAC self-influence): about 10 minutes on 2 cores instead of 28.")
+    parser.add_argument("--quick", action="store_true", help=f"A smaller run ({QUICK.layout.num_images} of the 1,797 scans, no KFAC, rank 32 only, {QUICK.lds_subsets} LDS retrainings instead of {FULL.lds_subsets}): about {QUICK_MINUTES} minutes on 2 cores instead of {FULL_MINUTES}.")
     parser.add_argument("--json", type=Path, help="Also write the report as JSON to this file.")
-    parser.add_argument("--work_dir", type=Path, help="Digits folder, checkpoints and step logs (default: data/trained_digits, or data/trained_digits_quick).")
+    parser.add_argument("--work_dir", type=Path, help="Digits folder, checkpoints, LDS retrainings and step logs (default: data/trained_digits, or data/trained_digits_quick).")
     parser.add_argument("--output_dir", type=Path, default=Path(naming.DEFAULT_OUTPUT_DIR), help=f"analyze.py's --output_dir (default: {naming.DEFAULT_OUTPUT_DIR}); the analysis is named trained_digits[_quick].")
     parser.add_argument("--figure_dir", type=Path, default=Path(naming.DEFAULT_FIGURE_DIR), help=f"Where the figures go (default: {naming.DEFAULT_FIGURE_DIR}).")
     return parser
