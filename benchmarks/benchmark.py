@@ -18,9 +18,7 @@ import json
 import math
 import os
 import resource
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -36,9 +34,9 @@ from tqdm import tqdm
 
 import analyze
 import hardware
-import locking
 import naming
 import pipeline
+from benchmarks.workdir import own_workdir, scratch_folder
 from cli import UserError, non_negative_int, positive_int, setup_logging, user_errors
 from factors import factor_arguments
 from scoring import accumulation_steps, device_memory_bytes, query_gradient_bytes, score_arguments
@@ -518,13 +516,13 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
     setup_logging()
-    # A given --workdir is this run's own (it removes it at the end): not shared with another run.
-    with user_errors(PROG), locking.hold(args.workdir) if args.workdir is not None else contextlib.nullcontext():
-        return run(args, torch.device(args.device))
+    # The folder is this run's own (it removes it at the end): not shared with another run, and refused
+    # if it holds anything a benchmark did not make (benchmarks/workdir.py).
+    with user_errors(PROG), own_workdir(scratch_folder(args.workdir, "benchmark_"), args.keep) as workdir:
+        return run(args, torch.device(args.device), workdir)
 
 
-def run(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="benchmark_"))
+def run(args: argparse.Namespace, device: torch.device, workdir: Path) -> Dict[str, Any]:
     settings = AnalysisSettings(
         strategy=args.strategy, query_batch_size=args.query_batch_size, train_batch_size=args.train_batch_size,
         damping_factor=None, num_workers=args.num_workers, output_dir=str(workdir / "results"), analysis_name="benchmark",
@@ -533,19 +531,15 @@ def run(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
     tf32 = set_tf32(settings.tf32, device.type)
     hardware.make_repeatable(device.type)
     print(hardware.describe_device(device.type, getattr(args, "device_choice", device.type)))
-    try:
-        per_class = math.ceil(args.num_train / args.num_classes)
-        dataset_dir = make_synthetic_imagenet(workdir / "imagenet", args.num_classes, per_class, math.ceil(args.num_queries / args.num_classes))
-        train = subset(pipeline.get_imagenet_dataset("train", dataset_dir), args.num_train)
-        queries = subset(pipeline.get_imagenet_dataset("val", dataset_dir), args.num_queries)
-        peaks = device_peaks(device, tf32 != "off")
-        model = build_benchmark_model(args.model, SEED)
-        analyzer = make_analyzer(model, settings)
-        bench = Bench(analyzer, settings, train, queries, device, peaks, False, args.num_queries)
-        phases = measure_all(bench, args)
-    finally:
-        if not args.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
+    per_class = math.ceil(args.num_train / args.num_classes)
+    dataset_dir = make_synthetic_imagenet(workdir / "imagenet", args.num_classes, per_class, math.ceil(args.num_queries / args.num_classes))
+    train = subset(pipeline.get_imagenet_dataset("train", dataset_dir), args.num_train)
+    queries = subset(pipeline.get_imagenet_dataset("val", dataset_dir), args.num_queries)
+    peaks = device_peaks(device, tf32 != "off")
+    model = build_benchmark_model(args.model, SEED)
+    analyzer = make_analyzer(model, settings)
+    bench = Bench(analyzer, settings, train, queries, device, peaks, False, args.num_queries)
+    phases = measure_all(bench, args)
     jobs = projection(bench, phases) if settings.strategy == "ekfac" else []  # the seed's jobs are EKFAC
     result = {
         "device": peaks, "model": args.model, "tf32": tf32, "channels_last": uses_channels_last(settings), "settings": {k: v for k, v in dataclasses.asdict(settings).items() if k not in ("output_dir",)},

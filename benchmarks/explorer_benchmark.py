@@ -13,7 +13,6 @@ import json
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -25,6 +24,7 @@ from safetensors.numpy import save_file
 import naming
 from benchmarks.query_batching_benchmark import in_own_workdir, report
 from benchmarks.top_influences_benchmark import write_score_file
+from benchmarks.workdir import scratch_folder
 from cli import positive_int
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -98,7 +98,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     args = parser.parse_args(argv)
     if args.num_queries > args.num_train or args.num_classes > args.num_queries:
         parser.error("needs --num_classes <= --num_queries <= --num_train")
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="explorer_benchmark_"))
+    workdir = scratch_folder(args.workdir, "explorer_benchmark_")
     dataset_dir, scores_dir = workdir / "data", workdir / "results" / "scores_ekfac"
     written: Dict[str, float] = {}
 

@@ -14,14 +14,13 @@ import shutil
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-import locking
+from benchmarks.workdir import own_workdir, scratch_folder
 from cli import user_errors
 from naming import SCORES_KEY, pairwise_scores_path, scores_name
 
@@ -106,17 +105,14 @@ def run_analysis(workdir: Path, num_queries: int, rows_per_block: Optional[int])
 
 
 def in_own_workdir(workdir: Path, keep: bool, prog: str, write: Callable[[], None], measure: Callable[[], Dict[str, float]]) -> Tuple[float, Dict[str, float]]:
-    """Writes the synthetic files and measures, holding `workdir`'s lock (a given --workdir is this run's
-    own: it is removed at the end unless `keep`); returns the write time in seconds and the measurements."""
-    with user_errors(prog), locking.hold(workdir):
-        try:
-            start = time.perf_counter()
-            write()
-            write_seconds = time.perf_counter() - start
-            return write_seconds, measure()
-        finally:
-            if not keep:
-                shutil.rmtree(workdir, ignore_errors=True)
+    """Writes the synthetic files and measures in `workdir`, the benchmark's own (benchmarks/workdir.py:
+    refused if it holds anything a benchmark did not make, locked, removed at the end unless `keep`);
+    returns the write time in seconds and the measurements."""
+    with user_errors(prog), own_workdir(workdir, keep):
+        start = time.perf_counter()
+        write()
+        write_seconds = time.perf_counter() - start
+        return write_seconds, measure()
 
 
 def report(rows: Sequence[Tuple[str, str]], result: Dict[str, object], json_path: Optional[Path]) -> None:
@@ -146,7 +142,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     args = parser.parse_args(argv)
     if args.num_queries <= 0 or args.num_train <= MIN_NUM_TRAIN:
         parser.error(f"--num_queries must be positive and --num_train above {MIN_NUM_TRAIN} (the top-{MIN_NUM_TRAIN} overlap)")
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="query_batching_benchmark_"))
+    workdir = scratch_folder(args.workdir, "query_batching_benchmark_")
     full_path = pairwise_scores_path(workdir, ANALYSIS_NAME, scores_name(STRATEGY, False, None))
     low_path = pairwise_scores_path(workdir, ANALYSIS_NAME, scores_name(STRATEGY, False, LOW_RANK))
     write_seconds, measured = in_own_workdir(

@@ -33,6 +33,7 @@ import naming
 import pipeline
 import query_batching_analysis as comparison
 from cli import UserError, setup_logging, user_errors
+from score_files import check_writable
 from scoring import load_scores
 
 PROG = "tf32_accuracy.py"
@@ -258,7 +259,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     setup_logging()
     with user_errors(PROG):
         if args.json is not None:
-            comparison.check_writable(args.json)
+            check_writable(args.json)
         analyze_args = [*analyze_args, "--tf32", "off"]  # the reference is float32 on a GPU too
         if args.calibrate_batchnorm:
             checkpoint = batchnorm_calibrated_checkpoint(parsed, args.output_dir)

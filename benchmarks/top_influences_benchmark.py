@@ -12,7 +12,6 @@ import json
 import resource
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Dict, Optional, Sequence
@@ -22,6 +21,7 @@ import numpy as np
 from benchmarks.query_batching_benchmark import (
     FULL_NUM_QUERIES, FULL_NUM_TRAIN, MEMORY_BUDGET_BYTES, SAFETENSORS_DTYPES, in_own_workdir, report, safetensors_header, to_bytes,
 )
+from benchmarks.workdir import scratch_folder
 from cli import positive_int
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -45,7 +45,7 @@ def write_score_file(path: Path, num_queries: int, num_train: int, dtype: str) -
 
 def measure(path: Path, top_k: int, rows_per_block: int) -> Dict[str, object]:
     """What the child process runs: the top-k of every query, as top_influences.py computes it."""
-    from query_batching_analysis import open_score_file  # pylint: disable=import-outside-toplevel
+    from score_files import open_score_file  # pylint: disable=import-outside-toplevel
     from top_influences import HELPFUL, stream_top_k  # pylint: disable=import-outside-toplevel
 
     score_file = open_score_file(path, "--score_file")
@@ -88,7 +88,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         result = measure(args.score_file, args.top_k, args.rows_per_block)
         print(json.dumps(result))
         return result
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="top_influences_benchmark_"))
+    workdir = scratch_folder(args.workdir, "top_influences_benchmark_")
     path = workdir / "pairwise_scores.safetensors"
     write_seconds, measured = in_own_workdir(
         workdir, args.keep, PROG, lambda: write_score_file(path, args.num_queries, args.num_train, args.dtype),

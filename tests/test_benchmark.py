@@ -123,3 +123,38 @@ def test_timing_waits_for_queued_gpu_work_before_it_starts(monkeypatch):
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: calls.append("synchronize"))
     benchmark._time(lambda: calls.append("work"), torch.device("cuda"))
     assert calls == ["synchronize", "work", "synchronize"]
+
+
+@pytest.mark.parametrize("module", ["benchmarks.benchmark", "benchmarks.query_batching_benchmark", "benchmarks.top_influences_benchmark", "benchmarks.explorer_benchmark"])
+def test_a_workdir_the_benchmark_did_not_make_is_refused_and_kept(module, tmp_path, capsys):
+    """`--workdir influence_results` (or `.`) must never be deleted: refused in one line, untouched."""
+    import importlib
+
+    results = tmp_path / "influence_results"
+    (results / "imagenet").mkdir(parents=True)
+    precious = results / "imagenet" / "pairwise_scores.safetensors"
+    precious.write_bytes(b"hours of work")
+    with pytest.raises(SystemExit) as stopped:
+        importlib.import_module(module).main(["--workdir", str(results)])
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "is not empty and was not made by a benchmark" in error and str(results) in error, error
+    assert precious.read_bytes() == b"hours of work"
+    assert sorted(p.name for p in results.iterdir()) == ["imagenet"]  # no lock file or marker left behind
+
+
+def test_a_workdir_made_by_a_benchmark_is_reused_then_removed(tmp_path):
+    from benchmarks import workdir
+
+    folder = tmp_path / "scratch"
+    with workdir.own_workdir(folder, keep=True):
+        (folder / "images").mkdir()
+    assert (folder / workdir.MARKER).is_file()
+    with workdir.own_workdir(folder, keep=False):  # its own, from before: accepted
+        assert (folder / "images").is_dir()
+    assert not folder.exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with workdir.own_workdir(empty, keep=False):
+        pass
+    assert not empty.exists()
