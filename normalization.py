@@ -134,8 +134,9 @@ def compute_normalized_scores(
         with safe_open(str(raw_path), framework="pt") as handle:
             metadata = dict(handle.metadata() or {})
         metadata[naming.NORMALIZATION_METADATA_KEY] = normalization
-        scores = normalize(load_scores(raw_path), load_scores(train_self), None if query_self is None else load_scores(query_self))
-        clamped = int((load_scores(train_self) <= MIN_SELF_INFLUENCE).sum())
+        train_norms = load_scores(train_self)
+        scores = normalize(load_scores(raw_path), train_norms, None if query_self is None else load_scores(query_self))
+        clamped = int((train_norms <= MIN_SELF_INFLUENCE).sum())
         if clamped:
             logger.warning("%d training images have a self-influence <= %g (no gradient); their %s scores are large", clamped, MIN_SELF_INFLUENCE, normalization)
         staging = directory / f".{naming.PAIRWISE_SCORES_FILE}.{os.getpid()}.tmp"

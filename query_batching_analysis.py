@@ -1,6 +1,7 @@
 """How far query batching (low-rank query gradients) moves the influence scores: reads a full-rank and
-a low-rank pairwise score file written by `analyze.py`, and for every query compares the two rows over
-all training examples (Spearman, Pearson, overlap of the top-k training examples). It prints and saves
+a low-rank pairwise score file written by `analyze.py` (raw, or both rescaled alike by its
+--score_normalization), and for every query compares the two rows over all training examples
+(Spearman, Pearson, overlap of the top-k training examples). It prints and saves
 the summary statistics and draws one query's scores against each other beside the distribution of
 per-query Spearman correlations. Rows are streamed a block at a time, so two 1000 x 1,281,167 files
 (about 5.1 GB each) are compared in well under 2 GB of memory."""
@@ -11,16 +12,11 @@ import argparse
 import json
 import logging
 import math
-import os
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
-import torch
-from kronfluence.utils.constants import SCORE_SAVE_PREFIX
-from safetensors import SafetensorError, safe_open
 from scipy.stats import ConstantInputWarning, pearsonr, spearmanr
 from tqdm import tqdm
 
@@ -29,13 +25,12 @@ from naming import (
     DEFAULT_ANALYSIS_NAME,
     DEMO_ANALYSIS_NAME,
     DEFAULT_OUTPUT_DIR,
-    PAIRWISE_SCORES_FILE,
-    RUN_CONFIG_FILE,
-    SCORES_KEY,
+    NO_NORMALIZATION,
+    NORMALIZATIONS,
     pairwise_scores_path,
-    rank_from_scores_name,
     scores_name,
 )
+from score_files import ScoreFile, check_writable, open_score_file, read_rows, recorded_queries, resolve_scores_path
 
 PROG = "query_batching_analysis.py"
 logger = logging.getLogger(PROG)
@@ -50,9 +45,6 @@ DEFAULT_FIGURE = Path("figure/query_batching.png")
 DEFAULT_ROWS_PER_BLOCK = 16
 LOW_PERCENTILE = 5
 SCATTER_SEED = 0
-# kronfluence saves ScoreArguments.to_str_dict() as the file's metadata; a full-rank run stores "None".
-RANK_METADATA_KEY = "query_gradient_low_rank"
-FLOAT_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 SPEARMAN = "Spearman"
 PEARSON = "Pearson"
@@ -64,101 +56,6 @@ def overlap_name(k: int) -> str:
 
 
 STATISTICS = (SPEARMAN, PEARSON) + tuple(overlap_name(k) for k in TOP_K)
-
-
-@dataclass(frozen=True)
-class ScoreFile:
-    """One pairwise score file, checked: it exists, holds a 2-D floating `all_modules` tensor."""
-
-    path: Path
-    num_queries: int
-    num_train: int
-    dtype: str
-    rank: Optional[int]
-
-    @property
-    def label(self) -> str:
-        return rank_label(self.rank)
-
-
-def rank_label(rank: Optional[int]) -> str:
-    return "full rank" if rank is None else f"rank {rank}"
-
-
-def resolve_scores_path(given: Path) -> Path:
-    """A score folder (`.../scores_NAME`) stands for the pairwise score file inside it."""
-    return given / PAIRWISE_SCORES_FILE if given.is_dir() else given
-
-
-def file_rank(path: Path, metadata: Dict[str, str]) -> Optional[int]:
-    """The query-gradient rank from the saved ScoreArguments, else from the `scores_NAME` folder name."""
-    saved = metadata.get(RANK_METADATA_KEY)
-    if saved is not None and saved != "None":
-        if not saved.isdigit():
-            raise UserError(f"{path}: metadata {RANK_METADATA_KEY}={saved!r} is not a rank")
-        return int(saved)
-    if saved == "None":
-        return None
-    name = path.parent.name
-    name = name[len(SCORE_SAVE_PREFIX):] if name.startswith(SCORE_SAVE_PREFIX) else name
-    return rank_from_scores_name(name)
-
-
-def recorded_queries(path: Path) -> Tuple[Optional[str], Optional[Dict[str, Any]]]:
-    """The fingerprint of a score file's query images and analyze.py's record of how they were chosen,
-    from its run_config.json (None where there is no record)."""
-    try:
-        record = json.loads((path.parent / RUN_CONFIG_FILE).read_text())
-    except (OSError, ValueError):
-        return None, None
-    return record.get("depends_on", {}).get("query_files_sha256"), record.get("resolved", {}).get("queries")
-
-
-def open_score_file(path: Path, flag: str) -> ScoreFile:
-    """Checks one score file without reading its scores; every problem is one `UserError` line."""
-    if not path.is_file():
-        raise UserError(f"{flag}: score file not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            keys = list(handle.keys())
-            metadata = handle.metadata() or {}
-            if SCORES_KEY not in keys:
-                raise UserError(
-                    f"{path} has no '{SCORES_KEY}' scores (keys: {', '.join(keys) or 'none'}); "
-                    "analyze.py writes them unless per-module scores were asked for"
-                )
-            scores = handle.get_slice(SCORES_KEY)
-            shape = tuple(scores.get_shape())
-            dtype = scores.get_dtype()
-    except SafetensorError as error:
-        raise UserError(f"{path} is not a readable safetensors file ({error})") from None
-    if len(shape) != 2:
-        raise UserError(f"{path}: '{SCORES_KEY}' has shape {shape}, expected (queries, training examples)")
-    if dtype not in FLOAT_DTYPES:
-        raise UserError(f"{path}: '{SCORES_KEY}' holds {dtype}, expected floating-point scores")
-    return ScoreFile(
-        path=path, num_queries=shape[0], num_train=shape[1], dtype=FLOAT_DTYPES[dtype], rank=file_rank(path, metadata)
-    )
-
-
-def read_rows(score_file: ScoreFile, start: int, stop: int) -> np.ndarray:
-    """Rows `start:stop` as float32 (float64 for float64 files), checked for NaN and infinity.
-
-    float32 holds bfloat16 and float16 scores exactly. The file is opened afresh for every block:
-    safetensors memory-maps it, and a mapping kept open would count every page read so far as resident
-    memory, growing to the size of the file.
-    """
-    dtype = torch.float64 if score_file.dtype == "float64" else torch.float32
-    with safe_open(str(score_file.path), framework="pt") as handle:
-        rows = handle.get_slice(SCORES_KEY)[start:stop].to(dtype, copy=True).numpy()
-    bad = ~np.isfinite(rows)
-    if bad.any():
-        query, train = np.argwhere(bad)[0]
-        raise UserError(
-            f"{score_file.path} has NaN or infinite scores (first: query {start + query}, "
-            f"training example {train}); recompute them (e.g. with a larger --damping_factor)"
-        )
-    return rows
 
 
 def top_k_overlap(first: np.ndarray, second: np.ndarray, k: int) -> float:
@@ -276,25 +173,16 @@ def draw_figure(
     plt.close(figure)
 
 
-def check_writable(path: Path) -> None:
-    """Creates the folder of an output file; one line if that or writing there is impossible."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise UserError(f"cannot create the folder of {path}: {error.strerror}") from None
-    if path.is_dir() or not os.access(path.parent, os.W_OK):
-        raise UserError(f"cannot write {path}")
+def seed_scores_path(output_dir: Path, analysis_name: str, rank: Optional[int], normalization: str = NO_NORMALIZATION) -> Path:
+    """Where the seed's analyze.py command of this rank (None: full rank) writes its scores, or with
+    `--score_normalization` its rescaled ones (`ekfac_relative`, `ekfac_qlr32_relative`)."""
+    return pairwise_scores_path(output_dir, analysis_name, scores_name(SEED_STRATEGY, False, rank, normalization))
 
 
-def seed_scores_path(output_dir: Path, analysis_name: str, rank: Optional[int]) -> Path:
-    """Where the seed's analyze.py command of this rank (None: full rank) writes its scores."""
-    return pairwise_scores_path(output_dir, analysis_name, scores_name(SEED_STRATEGY, False, rank))
-
-
-def default_analysis_name(output_dir: Path) -> str:
+def default_analysis_name(output_dir: Path, normalization: str) -> str:
     """The seed's analysis, or the demo's when only the demo has been run (said in the log)."""
     def seed_files_exist(analysis_name: str) -> bool:
-        return all(seed_scores_path(output_dir, analysis_name, rank).is_file() for rank in (None, SEED_LOW_RANK))
+        return all(seed_scores_path(output_dir, analysis_name, rank, normalization).is_file() for rank in (None, SEED_LOW_RANK))
 
     if not seed_files_exist(DEFAULT_ANALYSIS_NAME) and seed_files_exist(DEMO_ANALYSIS_NAME):
         logger.info("no scores under %s; using the demo's (%s)", output_dir / DEFAULT_ANALYSIS_NAME, output_dir / DEMO_ANALYSIS_NAME)
@@ -305,9 +193,11 @@ def default_analysis_name(output_dir: Path) -> str:
 def build_parser() -> argparse.ArgumentParser:
     full_name = scores_name(SEED_STRATEGY, False, None)
     low_name = scores_name(SEED_STRATEGY, False, SEED_LOW_RANK)
+    relative = NORMALIZATIONS[1]
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__)
-    parser.add_argument("--full_scores", type=Path, help=f"Full-rank pairwise scores: a score folder or a .safetensors file (default: the `{full_name}` scores under --output_dir/--analysis_name).")
-    parser.add_argument("--low_rank_scores", type=Path, help=f"Low-rank (query-batched) pairwise scores: a score folder or a .safetensors file (default: the `{low_name}` scores under --output_dir/--analysis_name).")
+    parser.add_argument("--full_scores", type=Path, help=f"Full-rank pairwise scores: a score folder or a .safetensors file (default: the `{full_name}` scores under --output_dir/--analysis_name, or those --score_normalization names).")
+    parser.add_argument("--low_rank_scores", type=Path, help=f"Low-rank (query-batched) pairwise scores: a score folder or a .safetensors file (default: the `{low_name}` scores under --output_dir/--analysis_name, or those --score_normalization names).")
+    parser.add_argument("--score_normalization", choices=NORMALIZATIONS, default=NO_NORMALIZATION, help=f"Which default score files: kronfluence's raw ones (none, the default), or those analyze.py --score_normalization rescaled (e.g. {relative}: `{scores_name(SEED_STRATEGY, False, None, relative)}` and `{scores_name(SEED_STRATEGY, False, SEED_LOW_RANK, relative)}`); other than none it also refuses given files of another normalisation. The two files must always have the same one.")
     parser.add_argument("--output_dir", type=Path, default=Path(DEFAULT_OUTPUT_DIR), help=f"analyze.py's results folder, for the default score files (default: {DEFAULT_OUTPUT_DIR}).")
     parser.add_argument("--analysis_name", help=f"Sub-folder of --output_dir, for the default score files (default: {DEFAULT_ANALYSIS_NAME}; when it has no scores but `analyze.py --demo` has run, {DEMO_ANALYSIS_NAME}).")
     parser.add_argument("--num_queries", type=positive_int, help="Compare the first N queries (default: all).")
@@ -325,13 +215,22 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     setup_logging()
     with user_errors(PROG):
         if args.analysis_name is None:
-            args.analysis_name = default_analysis_name(args.output_dir)
-        full_path = resolve_scores_path(args.full_scores or seed_scores_path(args.output_dir, args.analysis_name, None))
+            args.analysis_name = default_analysis_name(args.output_dir, args.score_normalization)
+        full_path = resolve_scores_path(
+            args.full_scores or seed_scores_path(args.output_dir, args.analysis_name, None, args.score_normalization)
+        )
         low_path = resolve_scores_path(
-            args.low_rank_scores or seed_scores_path(args.output_dir, args.analysis_name, SEED_LOW_RANK)
+            args.low_rank_scores or seed_scores_path(args.output_dir, args.analysis_name, SEED_LOW_RANK, args.score_normalization)
         )
         full = open_score_file(full_path, "--full_scores")
         low = open_score_file(low_path, "--low_rank_scores")
+        if full.normalization != low.normalization:
+            raise UserError(
+                f"{full.path} has score_normalization {full.normalization} but {low.path} has {low.normalization} (by their "
+                "metadata): compare files of the same analyze.py --score_normalization"
+            )
+        if args.score_normalization not in (NO_NORMALIZATION, full.normalization):
+            raise UserError(f"{full.path} has score_normalization {full.normalization} (by its metadata), not --score_normalization {args.score_normalization}")
         if (full.num_queries, full.num_train) != (low.num_queries, low.num_train):
             raise UserError(
                 f"score shapes differ: {full.path} has {full.num_queries} x {full.num_train}, {low.path} has "
@@ -381,6 +280,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     result = {
         "full_scores": {"path": str(full.path), "rank": full.rank, "dtype": full.dtype},
         "low_rank_scores": {"path": str(low.path), "rank": low.rank, "dtype": low.dtype},
+        "score_normalization": full.normalization,
         "num_queries": num_queries,
         "num_train": full.num_train,
         "top_k": list(TOP_K),

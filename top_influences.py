@@ -22,7 +22,6 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from kronfluence.utils.constants import SCORE_SAVE_PREFIX
 from PIL import Image
-from safetensors import SafetensorError, safe_open
 from torch import nn
 from torch.utils import data
 from torchvision import transforms
@@ -37,8 +36,8 @@ import naming
 import pipeline
 from cli import UserError, non_negative_int, positive_int, setup_logging, user_errors
 from queries import LABEL_PREDICTED, recorded_queries
-from query_batching_analysis import ScoreFile, check_writable, open_score_file, read_rows
 from records import dataset_provenance
+from score_files import ScoreFile, check_writable, load_record, open_score_file, read_rows, read_self_scores, recorded_preprocessing
 from settings import FULL_RANK, STRATEGIES, rank_argument
 
 PROG = "top_influences.py"
@@ -69,6 +68,11 @@ DPI = 100
 PALETTE_COLOURS = 256
 SELF_GRID_COLUMNS = 5
 LABEL_WIDTH = 28  # characters of a label shown under an image
+# What the explorer's pages say of rescaled scores (analyze.py --score_normalization; raw scores: nothing).
+NORMALIZATION_NOTES = dict(zip(naming.NORMALIZATIONS[1:], (
+    "relative influence: each score divided by the square root of the training image's self-influence",
+    "cosine influence: each score divided by the square roots of the training image's and the query's self-influence",
+)))
 
 
 @dataclass(frozen=True)
@@ -122,28 +126,6 @@ def stream_top_k(
     return found
 
 
-def read_self_scores(path: Path) -> torch.Tensor:
-    """The self-influence vector (num_train,) as float32 (float64 kept), checked; one line per problem."""
-    if not path.is_file():
-        raise UserError(f"self-influence score file not found: {path} (run analyze.py --self_influence first)")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            if naming.SCORES_KEY not in handle.keys():
-                raise UserError(f"{path} has no '{naming.SCORES_KEY}' scores (keys: {', '.join(handle.keys()) or 'none'})")
-            scores = handle.get_tensor(naming.SCORES_KEY)
-    except SafetensorError as error:
-        raise UserError(f"{path} is not a readable safetensors file ({error})") from None
-    if scores.dim() != 1:
-        raise UserError(f"{path}: '{naming.SCORES_KEY}' has shape {tuple(scores.shape)}, expected (training examples,): is it a pairwise file? (drop --self)")
-    if not scores.is_floating_point():
-        raise UserError(f"{path}: '{naming.SCORES_KEY}' holds {scores.dtype}, expected floating-point scores")
-    scores = scores.double() if scores.dtype == torch.float64 else scores.float()
-    if not torch.isfinite(scores).all():
-        first = int((~torch.isfinite(scores)).nonzero()[0])
-        raise UserError(f"{path} has NaN or infinite scores (first: training example {first}); recompute them")
-    return scores
-
-
 # ------------------------------------------------------------------------------------ datasets, model
 
 
@@ -163,24 +145,6 @@ def class_names(classes: Sequence[str], dataset_dir: Optional[Path] = None) -> L
 def describe(dataset: data.Dataset, names: Sequence[str], position: int) -> Example:
     path, label = pipeline.example_path(dataset, position)
     return Example(index=position, path=path, label=names[label])
-
-
-def load_record(scores_path: Path) -> Optional[Dict[str, Any]]:
-    record_path = scores_path.parent / naming.RUN_CONFIG_FILE
-    if not record_path.is_file():
-        logger.warning("%s is missing: cannot check that the scores were computed on this dataset", record_path)
-        return None
-    try:
-        return json.loads(record_path.read_text())
-    except ValueError:
-        raise UserError(f"{record_path} is not valid JSON (an interrupted run?)") from None
-
-
-def recorded_preprocessing(record: Optional[Dict[str, Any]]) -> pipeline.Preprocessing:
-    """The preprocessing analyze.py recorded with the scores (records from before it was recorded, and
-    missing records, mean the default 256/224); the images are then read and drawn as the model saw them."""
-    recorded = (record or {}).get("resolved", {}).get("preprocessing")
-    return pipeline.Preprocessing(**recorded) if recorded else pipeline.Preprocessing()
 
 
 def check_same_images(
@@ -350,12 +314,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset_dir", type=Path, help="The ImageNet folder the scores were computed on (train/<wnid>/*, val/<wnid>/*).")
     parser.add_argument("--demo", action="store_true", help=f"Read the demo's scores and images (data/demo, --analysis_name {naming.DEMO_ANALYSIS_NAME}).")
     parser.add_argument("--self", dest="self_influence", action="store_true", help="Rank training images by their self-influence scores (from analyze.py --self_influence) instead of listing each query's influencers.")
-    parser.add_argument("--scores", type=Path, help="The score file or its scores_NAME folder (default: named by --output_dir, --analysis_name, --factor_strategy, --query_gradient_rank, --use_half_precision, as analyze.py names it).")
+    parser.add_argument("--scores", type=Path, help="The score file or its scores_NAME folder (default: named by --output_dir, --analysis_name, --factor_strategy, --query_gradient_rank, --use_half_precision, --score_normalization, as analyze.py names it).")
     parser.add_argument("--output_dir", type=Path, default=Path(naming.DEFAULT_OUTPUT_DIR), help=f"analyze.py's results folder, for the default score file (default: {naming.DEFAULT_OUTPUT_DIR}).")
     parser.add_argument("--analysis_name", help=f"Sub-folder of --output_dir (default: {naming.DEFAULT_ANALYSIS_NAME}; --demo: {naming.DEMO_ANALYSIS_NAME}).")
     parser.add_argument("--factor_strategy", choices=STRATEGIES, default="ekfac", help="Strategy of the default score file (default: ekfac).")
     parser.add_argument("--query_gradient_rank", type=rank_argument, default=None, help=f"Query-gradient rank of the default score file; {FULL_RANK} for full rank (default). Not with --self.")
     parser.add_argument("--use_half_precision", action="store_true", help="The default score file is the bfloat16 one (_half).")
+    parser.add_argument("--score_normalization", choices=naming.NORMALIZATIONS, help="The default score file is the one analyze.py --score_normalization wrote (scores_NAME_relative, scores_NAME_cosine; none: the raw scores_NAME, as without this flag); a --scores file of another normalisation is refused. Not with --self (self-influence is never normalised).")
     parser.add_argument("--queries", type=parse_queries, help="Comma-separated query indices, e.g. 0,5,9 (default: every query in the file). Not with --self.")
     parser.add_argument("--top_k", type=positive_int, default=DEFAULT_TOP_K, help=f"Training images listed per query and kind (with --self: listed in all) in the CSV and JSON (default: {DEFAULT_TOP_K}).")
     parser.add_argument("--figure_top_k", type=non_negative_int, help=f"Training images drawn per row of a query figure (default: {DEFAULT_FIGURE_TOP_K}), or in the --self grid (default: {DEFAULT_SELF_FIGURE_TOP_K}); at most --top_k.")
@@ -379,6 +344,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error("pass --dataset_dir (the folder the scores were computed on), or --demo")
     if args.self_influence and (args.query_gradient_rank is not None or args.queries is not None):
         parser.error("--self ranks training images by self-influence: drop --query_gradient_rank and --queries")
+    if args.self_influence and args.score_normalization is not None:
+        parser.error("--self reads self-influence scores, which are never normalised: drop --score_normalization")
     if args.html and args.self_influence:
         parser.error("--html builds the explorer from pairwise scores (it adds the self-influence page when those scores exist): drop --self")
     if args.thumbnail_workers is not None and not args.html:
@@ -409,7 +376,8 @@ def scores_path(args: argparse.Namespace) -> Path:
     if args.self_influence:
         name = naming.self_scores_name(args.factor_strategy, args.use_half_precision)
         return naming.self_scores_path(args.output_dir, args.analysis_name, name)
-    name = naming.scores_name(args.factor_strategy, args.use_half_precision, args.query_gradient_rank)
+    normalization = args.score_normalization or naming.NO_NORMALIZATION
+    name = naming.scores_name(args.factor_strategy, args.use_half_precision, args.query_gradient_rank, normalization)
     return naming.pairwise_scores_path(args.output_dir, args.analysis_name, name)
 
 
@@ -435,6 +403,8 @@ def run_pairwise(
     args: argparse.Namespace, path: Path, record: Optional[Dict[str, Any]], train: data.Dataset, val: data.Dataset, names: List[str]
 ) -> Dict[str, Any]:
     score_file = open_score_file(path, "--scores")
+    if args.score_normalization not in (None, score_file.normalization):
+        raise UserError(f"{path} has score_normalization {score_file.normalization} (by its metadata), not --score_normalization {args.score_normalization}")
     recorded = (record or {}).get("resolved", {}).get("queries") or {}
     too_few_val = "root" not in recorded and score_file.num_queries > len(val)  # the queries are validation images
     if score_file.num_train != len(train) or too_few_val:
@@ -494,7 +464,7 @@ def run_pairwise(
         entries.append(entry)
     write_csv(table, CSV_COLUMNS, rows)
     result = {
-        "scores": str(path), "dtype": score_file.dtype, "num_queries": score_file.num_queries,
+        "scores": str(path), "score_normalization": score_file.normalization, "dtype": score_file.dtype, "num_queries": score_file.num_queries,
         "num_train": score_file.num_train, "top_k": args.top_k, "dataset_dir": str(args.dataset_dir),
         "csv": str(table), "figures": figures, "queries": entries,
     }
@@ -504,9 +474,10 @@ def run_pairwise(
         print(f"figures ({len(figures)}): {figures[0]}{' ...' if len(figures) > 1 else ''}")
     if args.html:
         ranked = explorer_self_ranking(self_scores, model, train, names) if self_scores is not None else None
-        index, counts = explorer.build_explorer(
-            table.parent, entries, ranked, f"{path.parent.parent.name}/{path.parent.name}", len(train), args.thumbnail_workers
-        )
+        title = f"{path.parent.parent.name}/{path.parent.name}"
+        if score_file.normalization in NORMALIZATION_NOTES:
+            title += f" ({NORMALIZATION_NOTES[score_file.normalization]})"
+        index, counts = explorer.build_explorer(table.parent, entries, ranked, title, len(train), args.thumbnail_workers)
         result["explorer"] = str(index)
         summary.write_text(json.dumps(result, indent=2) + "\n")
         print(f"explorer ({counts['made']} thumbnails made, {counts['reused']} reused): open {index}")

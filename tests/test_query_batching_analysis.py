@@ -1,7 +1,8 @@
 """Tests for query_batching_analysis.py on tiny synthetic kronfluence score files: the statistics on
 cases whose answer is known, agreement with scipy run on whole rows, independence from the block size,
-ranks read from saved arguments and folder names, bfloat16 files, the real command line, each bad input's
-one-line message, and the benchmark's streamed safetensors writer."""
+ranks read from saved arguments and folder names, normalised score files (chosen by --score_normalization,
+never compared with raw ones), bfloat16 files, the real command line, each bad input's one-line message,
+and the benchmark's streamed safetensors writer."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from safetensors.torch import save_file
 from scipy.stats import pearsonr, spearmanr
 
 import query_batching_analysis as qba
+import score_files
 from benchmarks import query_batching_benchmark as bench
 import naming
 from naming import SCORES_KEY, pairwise_scores_path, scores_dir, scores_name
@@ -29,12 +31,16 @@ NUM_TRAIN = 2000
 
 
 def write_scores(
-    folder: Path, scores: torch.Tensor, rank: Optional[int] = None, key: str = SCORES_KEY, metadata: bool = True
+    folder: Path, scores: torch.Tensor, rank: Optional[int] = None, key: str = SCORES_KEY, metadata: bool = True,
+    normalization: Optional[str] = None,
 ) -> Path:
-    """A kronfluence-like score folder; metadata mimics ScoreArguments.to_str_dict()."""
+    """A kronfluence-like score folder; metadata mimics ScoreArguments.to_str_dict(), plus the key
+    analyze.py --score_normalization adds to its rescaled files when `normalization` is given."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "pairwise_scores.safetensors"
-    saved: Optional[Dict[str, str]] = {qba.RANK_METADATA_KEY: str(rank)} if metadata else None
+    saved: Optional[Dict[str, str]] = {score_files.RANK_METADATA_KEY: str(rank)} if metadata else None
+    if normalization is not None:
+        saved = {**(saved or {}), naming.NORMALIZATION_METADATA_KEY: normalization}
     save_file({key: scores.contiguous()}, str(path), metadata=saved)
     return path
 
@@ -223,7 +229,7 @@ def test_benchmark_writer_makes_readable_files(tmp_path):
     bench.write_score_files(full, low, num_queries=5, num_train=301, dtype="bfloat16", rows_per_write=2)
     with safe_open(str(full), framework="pt") as f_handle, safe_open(str(low), framework="pt") as l_handle:
         f_scores, l_scores = f_handle.get_tensor(SCORES_KEY), l_handle.get_tensor(SCORES_KEY)
-        assert l_handle.metadata()[qba.RANK_METADATA_KEY] == str(bench.LOW_RANK)
+        assert l_handle.metadata()[score_files.RANK_METADATA_KEY] == str(bench.LOW_RANK)
     assert f_scores.shape == (5, 301) and f_scores.dtype == torch.bfloat16
     # Rounding to bfloat16 by hand must match torch's rounding of the same float32 values.
     rng = np.random.default_rng(bench.SEED)
@@ -263,3 +269,43 @@ def test_no_flags_fall_back_to_the_demo_analysis(tmp_path, monkeypatch):
     result = qba.main(["--output_dir", str(tmp_path), "--figure", str(tmp_path / "f.png")])
     assert f"{naming.DEMO_ANALYSIS_NAME}/scores_ekfac/" in result["full_scores"]["path"]
     assert result["statistics"]["Pearson"]["minimum"] > 1 - 1e-9
+
+
+def test_score_normalization_picks_the_normalised_default_files(tmp_path, capsys):
+    """The raw pair disagrees completely (independent noise), the relative pair agrees perfectly: the
+    statistics say which pair was read."""
+    relative = naming.NORMALIZATIONS[1]
+    scores = random_scores(20)
+    raw_full = write_scores(scores_dir(tmp_path, "net", scores_name("ekfac", False, None)), random_scores(21))
+    write_scores(scores_dir(tmp_path, "net", scores_name("ekfac", False, 32)), random_scores(22), rank=32)
+    full = write_scores(scores_dir(tmp_path, "net", "ekfac_relative"), scores, normalization=relative)
+    low = write_scores(scores_dir(tmp_path, "net", "ekfac_qlr32_relative"), scores, rank=32, normalization=relative)
+    common = ["--output_dir", str(tmp_path), "--analysis_name", "net", "--figure", str(tmp_path / "f.png")]
+    capsys.readouterr()
+    result = qba.main([*common, "--score_normalization", relative])
+    assert (result["full_scores"]["path"], result["low_rank_scores"]["path"]) == (str(full), str(low))
+    assert json.loads((tmp_path / "f.json").read_text())["score_normalization"] == relative
+    assert result["statistics"]["Spearman"]["minimum"] == pytest.approx(1.0)
+    assert "rank 32, relative vs full rank, relative" in capsys.readouterr().out
+    raw = qba.main(common)
+    assert raw["full_scores"]["path"] == str(raw_full) and raw["score_normalization"] == naming.NO_NORMALIZATION
+    assert raw["statistics"]["Spearman"]["mean"] < 0.1
+
+
+def test_a_relative_file_against_a_raw_one_is_refused(tmp_path, capsys):
+    scores = random_scores(23)
+    full = write_scores(tmp_path / "scores_ekfac_relative", scores, normalization="relative")
+    low = write_scores(tmp_path / "scores_ekfac_qlr32", scores, rank=32)
+    argv = ["--full_scores", str(full), "--low_rank_scores", str(low), "--figure", str(tmp_path / "f.png")]
+    expect_user_error(capsys, argv, f"{full} has score_normalization relative but {low} has none")
+    assert not (tmp_path / "f.png").exists()
+    relative_low = write_scores(tmp_path / "scores_ekfac_qlr32_relative", scores, rank=32, normalization="relative")
+    expect_user_error(capsys, [*argv[:2], "--low_rank_scores", str(relative_low), "--score_normalization", "cosine"],
+                      "has score_normalization relative (by its metadata), not --score_normalization cosine")
+
+
+def test_an_unknown_normalization_in_the_metadata_is_one_line(tmp_path, capsys):
+    full = write_scores(tmp_path / "full", random_scores(24), normalization="l2")
+    low = write_scores(tmp_path / "low", random_scores(24), rank=32)
+    expect_user_error(capsys, ["--full_scores", str(full), "--low_rank_scores", str(low)],
+                      str(full), "score_normalization='l2' is not one of none, relative, cosine")

@@ -1,6 +1,6 @@
 """top_influences.py and `analyze.py --self_influence`: top-k lists against a direct sort, self-influence
 against the diagonal of pairwise scores, a planted mislabelled image found by self-influence, the figures,
-and the command line with its one-line errors."""
+normalised score files (`analyze.py --score_normalization`), and the command line with its one-line errors."""
 
 from __future__ import annotations
 
@@ -20,14 +20,16 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import analyze
+import explorer
 import naming
 import top_influences
 from cli import UserError
 from conftest import REPO_ROOT, IndexedTensors, SmallCNN, small_problem, tiny_counts, write_image_folder
 from factors import fit_factors
-from query_batching_analysis import open_score_file
+from score_files import open_score_file
 from scoring import compute_scores, compute_self_scores, load_scores
 from settings import AnalysisSettings
+from small_model_cli import analyze_in_process
 from task import ClassificationTask, make_analyzer
 
 
@@ -282,6 +284,7 @@ def test_other_images_or_other_shapes_are_refused_in_one_line(analysed, tmp_path
         (["--demo", "--top_k", "3", "--figure_top_k", "4"], "more than --top_k"),
         (["--demo", "--no_prediction", "--weights", "none"], "--no_prediction builds no model"),
         (["--queries", "1,1", "--demo"], "lists a query twice"),
+        (["--demo", "--self", "--score_normalization", "relative"], "never normalised: drop --score_normalization"),
     ],
 )
 def test_impossible_flag_combinations(argv, message, capsys):
@@ -292,3 +295,33 @@ def test_impossible_flag_combinations(argv, message, capsys):
 def test_analyze_self_influence_refuses_query_flags(tiny_imagenet, capsys):
     line = _user_error(["--dataset_dir", str(tiny_imagenet), "--self_influence", "--num_queries", "2"], capsys, analyze)
     assert "drop --num_queries" in line
+
+
+def test_relative_scores_are_listed_from_their_own_file_and_another_normalization_refused(tiny_imagenet, tmp_path, monkeypatch, capsys, one_thread):
+    """analyze.py --score_normalization relative (tiny model) writes scores_identity_relative beside the raw
+    scores and the self-influence it divided by; --score_normalization relative lists that file's top
+    scores, its explorer says so and finds scores_identity_self, and --score_normalization cosine is refused."""
+    output = tmp_path / "out"
+    path = analyze_in_process(monkeypatch, tiny_imagenet, output, "--score_normalization", "relative")["identity_relative"]
+    common = ["--dataset_dir", str(tiny_imagenet), "--no_prediction", "--num_figures", "0", "--top_k", "3"]
+    result = top_influences.main([*common, "--output_dir", str(output), "--factor_strategy", "identity",
+                                  "--score_normalization", "relative", "--html"])
+    assert result["scores"] == str(path) and result["score_normalization"] == "relative"
+    relative, raw = load_file(str(path))[naming.SCORES_KEY], load_scores(naming.pairwise_scores_path(output, naming.DEFAULT_ANALYSIS_NAME, "identity"))
+    for entry in result["queries"]:
+        row = relative[entry["query_index"]]
+        assert [item["train_index"] for item in entry["helpful"]] == torch.argsort(row, descending=True)[:3].tolist()
+        assert [item["score"] for item in entry["helpful"]] == pytest.approx(row.sort(descending=True).values[:3].tolist())
+        assert entry["helpful"][0]["score"] != pytest.approx(raw[entry["query_index"]].max().item())  # not the raw file's
+    explorer_dir = naming.explorer_dir(path.parent)
+    assert "relative influence: each score divided by" in (explorer_dir / naming.EXPLORER_INDEX).read_text()
+    assert "relative influence" in (explorer_dir / explorer.SELF_PAGE).read_text()  # scores_identity_self was found
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as caught:
+        top_influences.main([*common, "--scores", str(path.parent), "--score_normalization", "cosine"])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert caught.value.code == 2 and "Traceback" not in err and len(errors) == 1
+    assert errors[0] == (f"top_influences.py: error: {path} has score_normalization relative (by its metadata), "
+                         "not --score_normalization cosine")

@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -33,8 +33,8 @@ from sklearn.metrics import roc_auc_score
 import naming
 import pipeline
 from cli import UserError, setup_logging, user_errors
-from query_batching_analysis import check_writable
 from records import write_json_atomically
+from score_files import check_writable
 from scoring import load_scores
 from settings import STRATEGIES
 from validation import digits, lds
@@ -334,8 +334,9 @@ def report_table(result: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def lds_report(size: RunSize, tensors: Dict[str, torch.Tensor], pairwise: Dict[str, Dict[str, torch.Tensor]], work_dir: Path) -> Dict[str, Any]:
-    """Retrains (or reuses) the LDS models and scores every strategy and normalisation against them."""
+def lds_margins(size: RunSize, tensors: Dict[str, torch.Tensor], work_dir: Path) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The LDS retrainings, made or reused: the subsets, every query's margin after each subset's
+    retraining (subsets x queries), and after the first `lds_ceiling_subsets` retrained from the second seed."""
     train_images, train_labels = tensors["train_images"], tensors["train_labels"]
     masks = lds.draw_subsets(len(train_labels), size.lds_subsets, SEED)
 
@@ -348,12 +349,16 @@ def lds_report(size: RunSize, tensors: Dict[str, torch.Tensor], pairwise: Dict[s
     retrainings = [lds.Retraining(subset, SEED) for subset in range(size.lds_subsets)]
     retrainings += [lds.Retraining(subset, SEED + 1) for subset in range(size.lds_ceiling_subsets)]
     margins = lds.measured_margins(retrainings, masks, work_dir / "lds", record, train_and_measure)
-    measured, second = margins[: size.lds_subsets], margins[size.lds_subsets :]
+    return masks, margins[: size.lds_subsets], margins[size.lds_subsets :]
+
+
+def lds_report(masks: np.ndarray, measured: np.ndarray, second: np.ndarray, pairwise: Dict[str, Dict[str, torch.Tensor]]) -> Dict[str, Any]:
+    """Every strategy and normalisation scored against the retrainings, and the noise ceiling."""
     return {
         "lds": {strategy: {normalization: lds.linear_datamodeling_score(scores, masks, measured) for normalization, scores in by_normalization.items()}
                 for strategy, by_normalization in pairwise.items()},
-        "lds_ceiling": lds.noise_ceiling(measured, measured[: size.lds_ceiling_subsets], second),
-        "lds_subsets": size.lds_subsets,
+        "lds_ceiling": lds.noise_ceiling(measured, measured[: len(second)], second),
+        "lds_subsets": len(masks),
         "lds_subset_size": int(masks[0].sum()),
     }
 
@@ -371,6 +376,9 @@ def validate(size: RunSize, work_dir: Path, output_dir: Path, figure_dir: Path) 
     accuracy = {split: digits.accuracy(digits.logits_of(model, tensors[f"{split}_images"]), tensors[f"{split}_labels"]) for split in digits.SPLITS}
     print(f"ResNet-50 trained: accuracy train {accuracy['train']:.3f}, val {accuracy['val']:.3f}, test {accuracy['test']:.3f}", flush=True)
 
+    # The retrainings first: they need no scores, and once cached a failed step later costs none of them.
+    print(f"[--] LDS: {size.lds_subsets} retrainings on random halves of the training set, {size.lds_ceiling_subsets} again from a second seed", flush=True)
+    retrained = lds_margins(size, tensors, work_dir)
     num_queries = len(tensors["val_labels"])
     steps = Steps(work_dir)
     comparisons = run_suite(steps, analyze_argv(data_dir, checkpoint, output_dir, size), size, num_queries, figure_dir)
@@ -384,8 +392,7 @@ def validate(size: RunSize, work_dir: Path, output_dir: Path, figure_dir: Path) 
     grid_strategy = "ekfac" if "ekfac" in self_scores else size.normalized_strategies[-1]
     draw_planted_grid(figure_paths(figure_dir, size)["self_influence"], grid_strategy, self_scores[grid_strategy], train_paths,
                       tensors["train_labels"], record, data_dir, size.preprocessing, min(SELF_GRID_IMAGES, len(train_paths)))
-    print(f"[--] LDS: {size.lds_subsets} retrainings on random halves of the training set, {size.lds_ceiling_subsets} again from a second seed", flush=True)
-    counterfactual = lds_report(size, tensors, pairwise, work_dir)
+    counterfactual = lds_report(*retrained, pairwise)
     draw_lds_figure(figure_paths(figure_dir, size)["lds"], counterfactual["lds"], counterfactual["lds_ceiling"], size.lds_subsets)
     train_labels, query_labels = tensors["train_labels"], tensors["val_labels"]
     return {
