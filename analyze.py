@@ -37,7 +37,7 @@ import preflight
 from cli import UserError, non_negative_int, positive_int, setup_logging, user_errors
 from factors import FACTOR_PARTITION_EXAMPLES, fit_factors
 from normalization import compute_normalized_scores
-from records import dataset_provenance, discard_torn_files, write_failure
+from records import dataset_provenance, discard_torn_files, model_source, write_failure
 from scoring import SCORE_PARTITION_EXAMPLES, compute_scores, compute_self_scores, load_scores, scores_shape
 from settings import (
     CHANNELS_LAST_CHOICES, DEFAULT_TF32, DEMO_DEFAULTS, FACTOR_MAX_EXAMPLES, FULL_RANK, SEED_DEFAULTS, STRATEGIES,
@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--query_batch_size", type=positive_int, help="Queries per batch (default: 100; demo 8).")
     parser.add_argument("--train_batch_size", type=positive_int, help="Training images per batch when scoring (default: 256; demo 8).")
     parser.add_argument("--factor_batch_size", type=positive_int, help="Training images per batch when fitting factors (default: searched on one GPU, else --train_batch_size).")
-    parser.add_argument("--query_gradient_accumulation_steps", type=positive_int, help="Query batches gathered per pass over the training set (default: all of them with a low rank, 1 at full rank).")
+    parser.add_argument("--query_gradient_accumulation_steps", type=positive_int, help="Query batches gathered per pass over the training set (default: as many as fit in the device's memory beside the training side's own, all of them when they fit, at full and low rank alike; 1: one pass over the training set per query batch).")
     parser.add_argument("--num_queries", type=positive_int, help="Score N validation images, chosen by --query_selection (default: 1000; demo: all).")
     parser.add_argument("--query_selection", choices=queries.SELECTIONS, default="first", help="Which validation images are the queries: the first N in folder order (the default, upstream's: the first 20 classes on ImageNet), per_class (an equal number from each class, across all classes), or random (drawn with --seed).")
     parser.add_argument("--query_files", type=Path, help="A text file naming the query images, one per line: validation image paths (absolute, relative to val/, or a file name) or indices; instead of --num_queries and --query_selection.")
@@ -263,11 +263,8 @@ def run(args: argparse.Namespace, layout: distributed.Layout) -> Dict[str, Path]
         unreadable = pipeline.unreadable_images(paths[layout.rank :: layout.world_size], settings.num_workers)
         pipeline.raise_if_unreadable(distributed.gather_lists(layout, unreadable), len(paths))
         logger.info("all %d images can be read", len(paths))
-    if args.checkpoint is not None:
-        model_source = f"checkpoint sha256:{pipeline.file_sha256(args.checkpoint)}"
-    else:
-        model_source = f"weights:{weights}"
-    provenance = dataset_provenance(train_dataset, query_dataset, model_source)
+    source = model_source(weights, args.checkpoint)
+    provenance = dataset_provenance(train_dataset, query_dataset, source)
     if query_record is not None:
         if query_record["selection"] != "first":  # upstream's choice, recorded by its absence: older results stay valid
             provenance["query"]["query_selection"] = query_record["selection"]  # a changed choice is named on rerun
@@ -284,7 +281,7 @@ def run(args: argparse.Namespace, layout: distributed.Layout) -> Dict[str, Path]
     hardware.warn_if_slow_on_cpu(device, len(train_dataset), args.demo)
     logger.info(
         "%s: %d training images, %d queries, strategy %s, %s, %s%s",
-        model_source, len(train_dataset), num_queries, settings.strategy,
+        source, len(train_dataset), num_queries, settings.strategy,
         f"rank {settings.query_gradient_rank}" if settings.query_gradient_rank else "full rank",
         "bfloat16" if settings.use_half_precision else "float32",
         f", {layout.world_size} processes" if layout.distributed else "",

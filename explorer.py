@@ -76,7 +76,8 @@ def _source_stamp(path: str) -> List[Any]:
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
-    """A hard link where the file system allows (no extra space), else a copy."""
+    """A hard link where the file system allows (no extra space), else a copy: for the previous explorer's
+    own files, which nothing else shares."""
     try:
         os.link(source, target)
     except OSError:
@@ -90,7 +91,8 @@ def _make_picture(picture: Picture, staging: Path) -> None:
             thumbnail = image.convert("RGB")
         thumbnail.thumbnail((THUMBNAIL_PIXELS, THUMBNAIL_PIXELS))
         thumbnail.save(staging / picture.thumb, format="JPEG", quality=THUMBNAIL_QUALITY)
-        _link_or_copy(Path(picture.source), staging / picture.full)
+        # A copy, never a hard link: editing the explorer's image must not edit the dataset's.
+        shutil.copyfile(picture.source, staging / picture.full)
     except (OSError, UnidentifiedImageError) as error:
         raise UserError(f"cannot make a thumbnail of {picture.source}: {error}") from None
 

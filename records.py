@@ -31,6 +31,14 @@ logger = logging.getLogger("analyze")
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
+def model_source(weights: Optional[str] = None, checkpoint: Optional[Path] = None) -> str:
+    """What results record as their model: `checkpoint sha256:...` (the file's content, wherever it is)
+    or `weights:NAME` (torchvision's, or `none` for a random init)."""
+    if checkpoint is not None:
+        return f"checkpoint sha256:{pipeline.file_sha256(checkpoint)}"
+    return f"weights:{weights}"
+
+
 def dataset_provenance(train_dataset: data.Dataset, query_dataset: data.Dataset, model_source: str) -> Dict[str, Any]:
     """What results depend on besides the flags: the model's weights, the preprocessing, and which images
     were used (file lists and sizes, not folder locations, so a moved dataset or a copied checkpoint is

@@ -36,7 +36,7 @@ import naming
 import pipeline
 from cli import UserError, non_negative_int, positive_int, setup_logging, user_errors
 from queries import LABEL_PREDICTED, recorded_queries
-from records import dataset_provenance
+from records import dataset_provenance, model_source
 from score_files import ScoreFile, check_writable, load_record, open_score_file, read_rows, read_self_scores, recorded_preprocessing
 from settings import FULL_RANK, STRATEGIES, rank_argument
 
@@ -183,10 +183,12 @@ def _build_model_for_predictions(args: argparse.Namespace, record: Optional[Dict
     seed = args.seed if args.seed is not None else (record or {}).get("settings", {}).get("seed", 0)
     if args.checkpoint is not None:
         pipeline.check_checkpoint_path(args.checkpoint)
-        if source is not None and source != f"checkpoint sha256:{pipeline.file_sha256(args.checkpoint)}":
+        if source is not None and source != model_source(checkpoint=args.checkpoint):
             raise UserError(f"--checkpoint {args.checkpoint} is not the model the scores were computed with ({source})")
         return pipeline.build_model(weights=None, checkpoint=args.checkpoint)
     if args.weights is not None:
+        if source is not None and source != model_source(weights=args.weights):
+            raise UserError(f"--weights {args.weights} is not the model the scores were computed with ({source})")
         return pipeline.build_model(weights=args.weights, seed=seed)
     if source is None:
         logger.warning("no recorded model and no --weights/--checkpoint: figures show no predictions")
@@ -195,7 +197,7 @@ def _build_model_for_predictions(args: argparse.Namespace, record: Optional[Dict
     if kind == "weights":
         return pipeline.build_model(weights=value, seed=seed)
     recorded = Path((record or {}).get("resolved", {}).get("checkpoint") or "")
-    if recorded.is_file() and f"checkpoint sha256:{pipeline.file_sha256(recorded)}" == source:
+    if recorded.is_file() and model_source(checkpoint=recorded) == source:
         return pipeline.build_model(weights=None, checkpoint=recorded)
     raise UserError(
         f"the scores were computed with a checkpoint ({source}) that is no longer at {recorded}; pass --checkpoint PATH"

@@ -256,6 +256,14 @@ def _user_error(argv, capsys, prog=top_influences):
     return lines[-1]
 
 
+def test_another_model_for_the_predictions_is_refused(analysed, tmp_path, capsys):
+    """The scores were computed with a checkpoint: --weights (a torchvision name, or none) is not that model."""
+    base = ["--dataset_dir", str(analysed["dataset_dir"]), "--output_dir", str(analysed["output_dir"]),
+            "--factor_strategy", "identity", "--figure_dir", str(tmp_path)]
+    line = _user_error([*base, "--weights", "none"], capsys)
+    assert line.startswith("top_influences.py: error: --weights none is not the model the scores were computed with (checkpoint sha256:"), line
+
+
 def test_other_images_or_other_shapes_are_refused_in_one_line(analysed, tmp_path, capsys):
     base = ["--output_dir", str(analysed["output_dir"]), "--factor_strategy", "identity", "--no_prediction",
             "--figure_dir", str(tmp_path)]
@@ -316,6 +324,9 @@ def test_relative_scores_are_listed_from_their_own_file_and_another_normalizatio
     explorer_dir = naming.explorer_dir(path.parent)
     assert "relative influence: each score divided by" in (explorer_dir / naming.EXPLORER_INDEX).read_text()
     assert "relative influence" in (explorer_dir / explorer.SELF_PAGE).read_text()  # scores_identity_self was found
+    copies = sorted((explorer_dir / explorer.IMAGES).rglob("*.JPEG"))
+    sources = sorted(tiny_imagenet.rglob("*.JPEG"))
+    assert copies and not any(os.path.samefile(made, source) for made in copies for source in sources)  # copies, not links
 
     capsys.readouterr()
     with pytest.raises(SystemExit) as caught:
