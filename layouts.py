@@ -20,6 +20,7 @@ import dataclasses
 import io
 import logging
 import os
+import platform
 import re
 import shutil
 import tarfile
@@ -48,6 +49,8 @@ KAGGLE_SYNSETS = "LOC_synset_mapping.txt"
 PREPARED_MARKER = ".imagenet_prepared"  # written last by prepare_archives: its presence means finished
 STAGING = ".imagenet_preparing"
 WNID = re.compile(r"n\d{8}")
+# The first Python 3.11 whose tarfile has the 'data' extraction filter (3.10.12 and 3.9.17 have it too).
+DATA_FILTER_PYTHON = "3.11.4"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,22 +67,26 @@ def _reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0].rstrip(':')}"
 
 
+def is_hidden(name: str) -> bool:
+    """What a file manager or notebook leaves behind (.ipynb_checkpoints, __MACOSX, AppleDouble `._x.JPEG`
+    files of metadata beside each image): never a class, never an image."""
+    return name.startswith((".", "__MACOSX"))
+
+
 def is_image(name: str) -> bool:
-    return name.lower().endswith(IMG_EXTENSIONS)
+    """Whether the file `name` (a path, or a member of a tar) is an image by its extension, not a hidden one."""
+    base = os.path.basename(name)
+    return not is_hidden(base) and base.lower().endswith(IMG_EXTENSIONS)
 
 
-def _flat_images(folder: Path) -> List[str]:
+def flat_images(folder: Path) -> List[str]:
     """File names of the images directly in `folder`, sorted."""
     return sorted(entry.name for entry in os.scandir(folder) if entry.is_file() and is_image(entry.name))
 
 
-def is_hidden(name: str) -> bool:
-    """Folders a file manager or notebook leaves behind (.ipynb_checkpoints, __MACOSX): never classes."""
-    return name.startswith((".", "__MACOSX"))
-
-
-def _has_class_folders(folder: Path) -> bool:
-    return any(entry.is_dir() and not is_hidden(entry.name) for entry in os.scandir(folder))
+def class_folders(folder: Path) -> List[str]:
+    """Names of the folders directly in `folder` that can be classes (not hidden ones), sorted."""
+    return sorted(entry.name for entry in os.scandir(folder) if entry.is_dir() and not is_hidden(entry.name))
 
 
 def archives_present(dataset_dir: Path) -> List[str]:
@@ -115,7 +122,7 @@ def find_layout(dataset_dir: Path) -> DataLayout:
     synsets = dataset_dir / KAGGLE_SYNSETS
     devkit, solution = dataset_dir / DEVKIT_ARCHIVE, dataset_dir / KAGGLE_VAL_CSV
     names_file = devkit if devkit.is_file() else synsets if synsets.is_file() else None
-    if _has_class_folders(val_dir) or not _flat_images(val_dir):
+    if class_folders(val_dir) or not flat_images(val_dir):
         return DataLayout("folders", train_dir, val_dir, names_file=names_file)
     if devkit.is_file():
         return DataLayout("devkit", train_dir, val_dir, devkit, names_file)
@@ -161,7 +168,7 @@ def _devkit_synsets(meta: bytes) -> Tuple[Dict[int, str], Dict[str, str]]:
 def flat_val_labels(layout: DataLayout) -> Dict[str, str]:
     """wnid of every image file in the flat val folder, from the devkit or the CSV; one line when they
     do not name exactly the files there."""
-    files = _flat_images(layout.val_dir)
+    files = flat_images(layout.val_dir)
     if layout.kind == "devkit":
         meta, ground_truth = _devkit_members(layout.labels_file)
         ids, _ = _devkit_synsets(meta)
@@ -229,6 +236,11 @@ def prepare_archives(dataset_dir: Path) -> bool:
     dataset_dir = Path(dataset_dir)
     if not dataset_dir.is_dir() or not needs_unpacking(dataset_dir):
         return False
+    if not hasattr(tarfile, "data_filter"):
+        raise UserError(
+            f"unpacking ImageNet's archives needs tarfile's 'data' filter, which Python {platform.python_version()} "
+            f"lacks: use Python {DATA_FILTER_PYTHON} or newer, or unpack them by hand into train/<wnid>/ and val/"
+        )
     present = archives_present(dataset_dir)
     missing = [name for name in ARCHIVES if name not in present]
     if missing:

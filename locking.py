@@ -19,7 +19,7 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import ContextManager, Dict, Iterator, List
+from typing import ContextManager, Dict, Iterator, List, Tuple
 
 from kronfluence.utils.constants import FACTOR_SAVE_PREFIX, SCORE_SAVE_PREFIX
 
@@ -32,6 +32,8 @@ HOLDER_WAIT_S = 1.0
 # the file releases them, so a nested `hold` of the same folder (a benchmark around analyze.main) reuses
 # the open descriptor instead of opening the file again.
 _held: Dict[Path, List[int]] = {}
+# What `lockf` says on a file system without POSIX locks (NFS without lockd, some Lustre mounts, FUSE).
+LOCKS_UNSUPPORTED = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)
 
 
 def holder_line() -> str:
@@ -57,22 +59,69 @@ def describe_holder(lock_path: Path) -> str:
             time.sleep(0.05)
 
 
+def _same_file(descriptor: int, path: Path) -> bool:
+    """Whether `path` still names the file open as `descriptor`."""
+    try:
+        found = os.stat(path)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(descriptor)
+    return (found.st_dev, found.st_ino) == (opened.st_dev, opened.st_ino)
+
+
+def _remove_unused(lock_path: Path, created: List[Path]) -> None:
+    """The lock file and the folders made for it, when nothing else was written beside it."""
+    with contextlib.suppress(OSError):  # the folder may have been removed (a benchmark's own workdir)
+        if [path.name for path in lock_path.parent.iterdir()] == [naming.LOCK_FILE]:
+            lock_path.unlink()
+            for path in created:
+                path.rmdir()
+
+
+def _open_and_lock(folder: Path, lock_path: Path, created: List[Path]) -> Tuple[int, bool]:
+    """A descriptor of `lock_path` holding its lock, and whether this call created the file (in `folder`,
+    made with the missing `created` folders). A holder that finishes unlinks the file before it unlocks
+    it: a run that opened it just before then locks a file no longer there, so the lock is taken again on
+    whatever the path names once it is held."""
+    while True:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            try:
+                descriptor, new_lock = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
+            except FileExistsError:
+                descriptor, new_lock = os.open(lock_path, os.O_RDWR), False
+        except OSError as error:
+            raise UserError(f"output directory {folder} cannot be written ({error.strerror})") from None
+        try:
+            fcntl.lockf(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            os.close(descriptor)
+            if error.errno in LOCKS_UNSUPPORTED:
+                if new_lock:
+                    _remove_unused(lock_path, created)
+                raise UserError(
+                    f"{folder} cannot be locked ({error.strerror}: its file system, often NFS, Lustre or a FUSE "
+                    "mount, lacks POSIX locks); choose an --output_dir on a local disk"
+                ) from None
+            if error.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
+            raise UserError(
+                f"{folder} is in use by another run ({describe_holder(lock_path)}); wait for it to finish, or "
+                "choose another --output_dir/--analysis_name"
+            ) from None
+        if _same_file(descriptor, lock_path):
+            return descriptor, new_lock
+        os.close(descriptor)
+
+
 @contextlib.contextmanager
 def hold(folder: Path) -> Iterator[None]:
     """Holds `folder`'s lock (creating the folder) until the block ends; a `UserError` naming the holder
-    if another process has it."""
+    if another process has it, or naming the folder if its file system cannot lock."""
     folder = Path(folder)
     lock_path = folder / naming.LOCK_FILE
     created = [parent for parent in [folder, *folder.parents] if not parent.exists()]  # innermost first
-    new_lock = not lock_path.exists()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        key = lock_path.resolve()
-        held = _held.get(key)
-        if held is None:
-            descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as error:
-        raise UserError(f"output directory {folder} cannot be written ({error.strerror})") from None
+    held = _held.get(lock_path.resolve())
     if held is not None:
         held[1] += 1
         try:
@@ -80,16 +129,8 @@ def hold(folder: Path) -> Iterator[None]:
         finally:
             held[1] -= 1
         return
-    try:
-        fcntl.lockf(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as error:
-        os.close(descriptor)
-        if error.errno not in (errno.EACCES, errno.EAGAIN):
-            raise
-        raise UserError(
-            f"{folder} is in use by another run ({describe_holder(lock_path)}); wait for it to finish, or "
-            "choose another --output_dir/--analysis_name"
-        ) from None
+    descriptor, new_lock = _open_and_lock(folder, lock_path, created)
+    key = lock_path.resolve()
     _held[key] = [descriptor, 1]
     try:
         os.ftruncate(descriptor, 0)
@@ -99,11 +140,9 @@ def hold(folder: Path) -> Iterator[None]:
         del _held[key]
         with contextlib.suppress(OSError):  # the folder may have been removed (a benchmark's own workdir)
             os.ftruncate(descriptor, 0)
-            if new_lock and [path.name for path in folder.iterdir()] == [naming.LOCK_FILE]:
-                # A run that stopped before writing anything leaves nothing: not even the folders it made.
-                lock_path.unlink()
-                for path in created:
-                    path.rmdir()
+        if new_lock:
+            # A run that stopped before writing anything leaves nothing: not even the folders it made.
+            _remove_unused(lock_path, created)
         os.close(descriptor)
 
 

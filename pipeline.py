@@ -6,10 +6,12 @@ is not a ResNet-50) is raised as a one-line `cli.UserError` before any heavy wor
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import logging
 import os
+import re
 import urllib.error
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -20,7 +22,7 @@ from torch import nn
 from torch.utils import data
 from torchvision import transforms
 from torchvision.datasets import ImageFolder, VisionDataset
-from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader, find_classes
+from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader, make_dataset
 from torchvision.models import ResNet50_Weights, resnet50
 from torchvision.transforms import InterpolationMode
 from tqdm.auto import tqdm
@@ -40,6 +42,11 @@ DEFAULT_WEIGHTS = "IMAGENET1K_V1"
 NO_WEIGHTS = "none"
 # Keys under which training scripts commonly wrap a state dict.
 CHECKPOINT_WRAPPER_KEYS = ("state_dict", "model")
+# Objects beside the tensors that training scripts save and that are safe to unpickle: torchvision's
+# reference train.py keeps its command line as an argparse.Namespace under "args".
+CHECKPOINT_SAFE_GLOBALS = (argparse.Namespace,)
+# How torch's weights-only unpickler names an object it refuses to build.
+UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
 DDP_PREFIX = "module."
 
 
@@ -131,10 +138,32 @@ def read_image_error(path: str) -> Optional[str]:
     return None
 
 
+def visible_classes(directory: str | Path) -> Tuple[List[str], Dict[str, int]]:
+    """torchvision's `find_classes` without hidden folders (`.ipynb_checkpoints` is no class)."""
+    classes = layouts.class_folders(Path(directory))
+    if not classes:
+        raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
+    return classes, {name: index for index, name in enumerate(classes)}
+
+
 class IndexedImageFolder(ImageFolder):
     """ImageFolder whose items are `(image, label, index)`; the index (position in the full folder) lets
     the true-Fisher label sampling depend on the example alone, not on its batch or process. An image
-    that cannot be decoded stops the run with a `BadImageError` naming the file."""
+    that cannot be decoded stops the run with a `BadImageError` naming the file. Hidden folders and files
+    (`layouts.is_hidden`) are neither classes nor images."""
+
+    def find_classes(self, directory: str | Path) -> Tuple[List[str], Dict[str, int]]:
+        return visible_classes(directory)
+
+    @staticmethod
+    def make_dataset(directory: str | Path, class_to_idx: Dict[str, int], extensions: Any = None,
+                     is_valid_file: Any = None, allow_empty: bool = False) -> List[Tuple[str, int]]:
+        prefix = len(os.path.join(os.path.expanduser(directory), ""))  # string slicing: ImageNet has 1.28M files
+
+        def visible_image(path: str) -> bool:  # nothing in a hidden folder below a class either
+            return layouts.is_image(path) and not any(layouts.is_hidden(part) for part in path[prefix:].split(os.sep))
+
+        return make_dataset(directory, class_to_idx, is_valid_file=visible_image, allow_empty=allow_empty)
 
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, int, int]:
         try:
@@ -220,7 +249,7 @@ def get_imagenet_dataset(
     split_dir = layout.train_dir if split == "train" else layout.val_dir
     try:
         if split == "val" and layout.labels_file is not None:
-            classes, _ = find_classes(str(layout.train_dir))
+            classes, _ = visible_classes(layout.train_dir)
             samples = [(str(split_dir / name), label) for name, label in layouts.class_labels(layout, classes)]
             dataset = ImageList(split_dir, samples, classes, transform=preprocessing.transform())
         else:
@@ -290,8 +319,15 @@ def _read_checkpoint(path: Path) -> Dict[str, Any]:
 
         return load_file(str(path))
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(CHECKPOINT_SAFE_GLOBALS)):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several unrelated types for a file that is not a checkpoint
+        unsupported = UNSUPPORTED_GLOBAL.search(str(error))
+        if unsupported:
+            raise UserError(
+                f"checkpoint {path} could not be read as a PyTorch state dict (Unsupported global: {unsupported[1]}, "
+                "which torch loads only by running code from the file); save the model's state_dict() alone"
+            ) from None
         raise UserError(f"checkpoint {path} could not be read as a PyTorch state dict ({type(error).__name__})") from None
 
 
@@ -350,8 +386,9 @@ def check_pretrained_classes(dataset: data.Dataset, weights_name: str) -> None:
 
 
 def load_checkpoint_state_dict(path: str | Path) -> Dict[str, torch.Tensor]:
-    """A ResNet-50 state dict from a file: plain, or wrapped under `state_dict`/`model`, with or without
-    the `module.` prefix that DistributedDataParallel adds."""
+    """A ResNet-50 state dict from a file: plain, or wrapped under `state_dict`/`model` (torchvision's
+    reference train.py checkpoints, their `args` Namespace included), with or without the `module.` prefix
+    that DistributedDataParallel adds."""
     path = Path(path)
     check_checkpoint_path(path)
     state_dict = _read_checkpoint(path)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import torch
@@ -54,7 +54,8 @@ def select_positions(labels: Sequence[int], num_queries: int, selection: str, se
 def positions_from_file(path: Path, val: data.Dataset) -> List[int]:
     """Positions of the validation images a text file names, one per line: an index into the validation
     set, or a file path (absolute, relative to the val folder, or a bare file name when that is unique).
-    Blank lines and `#` comments are skipped; the order is the file's."""
+    Blank lines and comment lines (`#` first, after any spaces) are skipped; a `#` later in a line is part
+    of a file name. The order is the file's."""
     try:
         lines = Path(path).read_text().splitlines()
     except (OSError, UnicodeDecodeError) as error:
@@ -65,9 +66,10 @@ def positions_from_file(path: Path, val: data.Dataset) -> List[int]:
     for position, (sample_path, _) in enumerate(folder.samples):
         by_name.setdefault(os.path.basename(sample_path), []).append(position)
     positions: List[int] = []
+    listed: Set[int] = set()
     for number, raw in enumerate(lines, 1):
-        entry = raw.split("#", 1)[0].strip()
-        if not entry:
+        entry = raw.strip()
+        if not entry or entry.startswith("#"):
             continue
         if entry.isdigit():
             position = int(entry)
@@ -81,8 +83,9 @@ def positions_from_file(path: Path, val: data.Dataset) -> List[int]:
             if not found:
                 raise UserError(f"{path}:{number}: {entry} is not a validation image in {folder.root}")
             position = found[0]
-        if position in positions:
+        if position in listed:
             raise UserError(f"{path}:{number}: {entry} is listed twice")
+        listed.add(position)
         positions.append(position)
     if not positions:
         raise UserError(f"{path} names no validation image")
@@ -98,8 +101,8 @@ def folder_samples(query_dir: Path, classes: Sequence[str]) -> Tuple[List[Tuple[
         raise UserError(f"--query_dir {query_dir} is not a folder")
     class_to_idx = {name: index for index, name in enumerate(classes)}
     samples: List[Tuple[str, int]] = []
-    subfolders = sorted(entry.name for entry in os.scandir(query_dir) if entry.is_dir() and not layouts.is_hidden(entry.name))
-    loose = sorted(entry.name for entry in os.scandir(query_dir) if entry.is_file() and layouts.is_image(entry.name))
+    subfolders = layouts.class_folders(query_dir)
+    loose = layouts.flat_images(query_dir)
     if subfolders and loose:
         raise UserError(f"--query_dir {query_dir} mixes images ({loose[0]}) and class folders ({subfolders[0]}): use one or the other")
     if not subfolders:
@@ -114,9 +117,11 @@ def folder_samples(query_dir: Path, classes: Sequence[str]) -> Tuple[List[Tuple[
                 f"--query_dir: {query_dir / name} is not a class: name class folders by wnid (e.g. {classes[0]}) or "
                 f"class index (0-{len(classes) - 1})"
             )
-        for root, folders, files in sorted(os.walk(query_dir / name)):
-            folders[:] = sorted(folder for folder in folders if not layouts.is_hidden(folder))
-            samples += [(os.path.join(root, file), label) for file in sorted(files) if layouts.is_image(file)]
+        walked = []
+        for root, folders, files in os.walk(query_dir / name):  # pruned as it goes: sorted only afterwards
+            folders[:] = [folder for folder in folders if not layouts.is_hidden(folder)]
+            walked.append((root, sorted(file for file in files if layouts.is_image(file))))
+        samples += [(os.path.join(root, file), label) for root, files in sorted(walked) for file in files]
     if not samples:
         raise UserError(f"--query_dir {query_dir} holds no images")
     return samples, bool(subfolders)

@@ -7,6 +7,7 @@ written."""
 from __future__ import annotations
 
 import io
+import platform
 import shutil
 import tarfile
 from pathlib import Path
@@ -251,3 +252,33 @@ def test_unpacking_under_torchrun_is_refused_before_the_ranks_wait_for_it(built,
         analyze_in_process(monkeypatch, built["archives"], tmp_path / "out")
     assert "run analyze.py once without torchrun to unpack them" in capsys.readouterr().err
     assert not (built["archives"] / "train").exists()
+
+
+def test_python_without_tarfiles_data_filter_is_refused_before_unpacking(built, monkeypatch):
+    monkeypatch.delattr(layouts.tarfile, "data_filter")
+    monkeypatch.setattr(platform, "python_version", lambda: "3.11.2")
+    before = sorted(str(path) for path in built["archives"].rglob("*"))
+    with pytest.raises(UserError) as caught:
+        layouts.prepare_archives(built["archives"])
+    assert str(caught.value) == (
+        "unpacking ImageNet's archives needs tarfile's 'data' filter, which Python 3.11.2 lacks: use Python 3.11.4 or "
+        "newer, or unpack them by hand into train/<wnid>/ and val/"
+    )
+    assert sorted(str(path) for path in built["archives"].rglob("*")) == before  # nothing unpacked or staged
+
+
+def test_hidden_files_in_a_flat_val_or_its_archive_are_not_images(built):
+    """macOS's AppleDouble `._x.JPEG` beside each image, copied by hand or packed into the archive."""
+    expected = pipeline.base_image_folder(pipeline.get_imagenet_dataset("val", built["folders"])).samples
+    expected = [(Path(path).name, label) for path, label in expected]
+    for name in ("devkit", "csv"):
+        (built[name] / "val" / "._ILSVRC2012_val_00000001.JPEG").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    with tarfile.open(built["archives"] / layouts.VAL_ARCHIVE, "a") as archive:
+        info = tarfile.TarInfo("._ILSVRC2012_val_00000001.JPEG")
+        info.size = 12
+        archive.addfile(info, io.BytesIO(b"AppleDouble!"))
+    assert layouts.prepare_archives(built["archives"])
+    assert not (built["archives"] / "val" / "._ILSVRC2012_val_00000001.JPEG").exists()
+    for name in ("devkit", "csv", "archives"):
+        val = pipeline.base_image_folder(pipeline.get_imagenet_dataset("val", built[name]))
+        assert [(Path(path).name, label) for path, label in val.samples] == expected, name

@@ -8,6 +8,8 @@ PAUSE_AT so that the second command surely meets a run in progress."""
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import re
 import subprocess
@@ -137,3 +139,52 @@ def test_lock_is_the_kernels_and_nested_holds_share_it(tmp_path):
             locking.clear(folder)
         assert [path.name for path in folder.iterdir()] == [naming.LOCK_FILE]
         assert str(os.getpid()) in (folder / naming.LOCK_FILE).read_text()
+
+
+@pytest.mark.parametrize("code", ["ENOLCK", "EOPNOTSUPP", "ENOSYS"])
+def test_file_system_without_locks_is_one_line_naming_the_folder(monkeypatch, tmp_path, code):
+    """NFS without lockd, some Lustre and FUSE mounts: one line with the folder and the way out, and the
+    folders made for the lock are gone again."""
+    def no_locks(descriptor, operation):
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+
+    monkeypatch.setattr(locking.fcntl, "lockf", no_locks)
+    folder = tmp_path / "results" / "imagenet"
+    with pytest.raises(locking.UserError) as caught:
+        with locking.hold(folder):
+            raise AssertionError("held a lock that was never taken")
+    assert str(caught.value) == (
+        f"{folder} cannot be locked ({os.strerror(getattr(errno, code))}: its file system, often NFS, Lustre or a "
+        "FUSE mount, lacks POSIX locks); choose an --output_dir on a local disk"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+LOCK_PATH_AS_ANOTHER_PROCESS = """
+import fcntl, os, sys
+descriptor = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+try:
+    fcntl.lockf(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+except OSError:
+    sys.exit(1)
+"""
+
+
+def test_lock_file_unlinked_by_a_finishing_holder_is_locked_again(monkeypatch, tmp_path):
+    """A holder that finishes unlinks the lock file, then unlocks it: a run that opened the file just before
+    must not hold a lock on a file no longer there (a third run would lock the new file beside it)."""
+    folder = tmp_path / "analysis"
+    lockf, calls = fcntl.lockf, []
+
+    def previous_holder_finishes_first(descriptor, operation):
+        calls.append(descriptor)
+        if len(calls) == 1:
+            (folder / naming.LOCK_FILE).unlink()
+        return lockf(descriptor, operation)
+
+    monkeypatch.setattr(locking.fcntl, "lockf", previous_holder_finishes_first)
+    with locking.hold(folder):
+        other = subprocess.run([sys.executable, "-c", LOCK_PATH_AS_ANOTHER_PROCESS, str(folder / naming.LOCK_FILE)], timeout=60)
+        assert other.returncode == 1, "another process could lock the file the path names"
+        assert len(calls) == 2
+    assert not folder.exists()  # nothing was written: the retried lock still cleans up after itself

@@ -3,6 +3,7 @@ ResNet-50 from weights or checkpoints, and a one-line error for each input a use
 
 from __future__ import annotations
 
+import argparse
 import re
 import shutil
 import urllib.error
@@ -36,6 +37,24 @@ def test_odd_imagenet_files_load_as_rgb_224(tmp_path):
         image, label, index = dataset[names.index(name)]
         assert image.shape == (3, pipeline.CROP_SIZE, pipeline.CROP_SIZE)
         assert label == 0 and index == names.index(name)
+
+
+def test_hidden_folders_and_files_are_neither_classes_nor_images(tmp_path):
+    """A notebook's .ipynb_checkpoints/ (in train/ and in a class folder) and macOS's AppleDouble ._x.JPEG
+    files change nothing: the same classes, images and fingerprint as the clean folder."""
+    root = write_image_folder(tmp_path / "data", tiny_counts())
+    clean = {split: pipeline.get_imagenet_dataset(split, root) for split in pipeline.SPLITS}
+    expected = {split: (dataset.classes, dataset.samples, pipeline.samples_fingerprint(dataset)) for split, dataset in clean.items()}
+    for split in pipeline.SPLITS:
+        (root / split / ".ipynb_checkpoints").mkdir()
+        shutil.copy(root / split / "n01" / "n01_000.JPEG", root / split / ".ipynb_checkpoints" / "n01_000-checkpoint.JPEG")
+        (root / split / "n01" / ".ipynb_checkpoints").mkdir()
+        shutil.copy(root / split / "n01" / "n01_000.JPEG", root / split / "n01" / ".ipynb_checkpoints" / "n01_000-checkpoint.JPEG")
+        (root / split / "n01" / "._n01_000.JPEG").write_bytes(b"\x00\x05\x16\x07 AppleDouble metadata")
+    for split in pipeline.SPLITS:
+        dataset = pipeline.get_imagenet_dataset(split, root)
+        assert (dataset.classes, dataset.samples, pipeline.samples_fingerprint(dataset)) == expected[split], split
+        assert len(dataset) == (6 if split == "train" else 4)
 
 
 def test_items_carry_their_index_in_the_full_folder(tiny_imagenet):
@@ -75,6 +94,28 @@ def test_checkpoint_formats_load_the_same_weights(tmp_path, wrapper):
     assert not model.training
     torch.testing.assert_close(model.fc.weight, state["fc.weight"])
     torch.testing.assert_close(model.layer4[2].conv3.weight, state["layer4.2.conv3.weight"])
+
+
+def test_torchvision_reference_train_checkpoint_loads_its_model(tmp_path):
+    """references/classification/train.py saves {model, optimizer, lr_scheduler, epoch, args: Namespace};
+    an object torch will not unpickle is named in the one line."""
+    torch.manual_seed(2)
+    model = resnet50(weights=None, num_classes=5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=30)
+    args = argparse.Namespace(model="resnet50", lr=0.1, epochs=90, data_path="/data/imagenet", weights=None)
+    checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                  "lr_scheduler": scheduler.state_dict(), "epoch": 89, "args": args}
+    torch.save(checkpoint, tmp_path / "checkpoint.pth")
+    loaded = pipeline.build_model(weights=None, checkpoint=tmp_path / "checkpoint.pth")
+    assert pipeline.num_outputs(loaded) == 5
+    torch.testing.assert_close(loaded.layer4[2].conv3.weight, model.layer4[2].conv3.weight)
+    checkpoint["args"].output_dir = Path("/runs/r50")  # a Path in the args: a class torch refuses
+    torch.save(checkpoint, tmp_path / "with_path.pth")
+    with pytest.raises(UserError) as caught:
+        pipeline.build_model(weights=None, checkpoint=tmp_path / "with_path.pth")
+    assert "with_path.pth could not be read as a PyTorch state dict (Unsupported global: pathlib." in str(caught.value)
+    assert "\n" not in str(caught.value)
 
 
 def test_checkpoint_with_wrong_keys_or_shapes_is_refused(tmp_path):

@@ -16,6 +16,7 @@ import torch
 import pipeline
 import queries
 import top_influences
+from cli import UserError
 from conftest import tiny_counts, write_image_folder
 from scoring import load_scores
 from small_model_cli import analyze_in_process, build_tiny_model
@@ -58,9 +59,38 @@ def test_query_files_score_exactly_the_images_named(dataset, monkeypatch, tmp_pa
     every = _rows(analyze_in_process(monkeypatch, dataset, tmp_path / "all", "--num_queries", "8")["identity"])
     listing = tmp_path / "queries.txt"
     # An index, a bare file name, a path relative to val/ and an absolute path; comments and blanks skipped.
-    listing.write_text(f"7\n# my favourites\n\nn01_002.JPEG\nn02/n02_000.JPEG  # relative to val/\n{dataset / 'val' / 'n02' / 'n02_002.JPEG'}\n")
+    listing.write_text(f"7\n# my favourites\n\nn01_002.JPEG\n  # relative to val/:\nn02/n02_000.JPEG\n{dataset / 'val' / 'n02' / 'n02_002.JPEG'}\n")
     path = analyze_in_process(monkeypatch, dataset, tmp_path / "listed", "--query_files", str(listing))["identity"]
     torch.testing.assert_close(_rows(path), every[[7, 2, 4, 6]], rtol=0, atol=0)
+
+
+def test_a_hash_inside_a_listed_file_name_is_part_of_the_name(dataset, tmp_path):
+    """Only a line whose first non-blank character is `#` is a comment."""
+    (dataset / "val" / "n02" / "n02_001.JPEG").rename(dataset / "val" / "n02" / "a#b.JPEG")
+    val = pipeline.get_imagenet_dataset("val", dataset)
+    names = [Path(path).name for path, _ in val.samples]
+    listing = tmp_path / "queries.txt"
+    listing.write_text("# favourites\n   # indented: a comment too\na#b.JPEG\nn01/n01_003.JPEG\n")
+    positions = queries.positions_from_file(listing, val)
+    assert [names[position] for position in positions] == ["a#b.JPEG", "n01_003.JPEG"]
+    listing.write_text("a#b.JPEG\nn02/a#b.JPEG\n")
+    with pytest.raises(UserError, match=r"queries.txt:2: n02/a#b.JPEG is listed twice$"):
+        queries.positions_from_file(listing, val)
+
+
+def test_hidden_files_and_folders_in_a_query_dir_are_not_queries(dataset, tmp_path):
+    """macOS's AppleDouble `._x.jpg` beside each image, a notebook's .ipynb_checkpoints/ in a class folder."""
+    mine = tmp_path / "mine"
+    (mine / "n02" / ".ipynb_checkpoints").mkdir(parents=True)
+    shutil.copy(dataset / "val" / "n02" / "n02_001.JPEG", mine / "n02" / "a.jpg")
+    shutil.copy(dataset / "val" / "n02" / "n02_001.JPEG", mine / "n02" / ".ipynb_checkpoints" / "a-checkpoint.jpg")
+    (mine / "n02" / "._a.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    assert queries.folder_samples(mine, CLASSES) == ([(str(mine.resolve() / "n02" / "a.jpg"), 1)], True)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    shutil.copy(dataset / "val" / "n01" / "n01_000.JPEG", photos / "x.jpg")
+    (photos / "._x.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    assert queries.folder_samples(photos, CLASSES) == ([(str(photos.resolve() / "x.jpg"), -1)], False)
 
 
 def test_a_listed_image_that_is_not_there_is_one_line(dataset, monkeypatch, tmp_path, capsys):
