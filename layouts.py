@@ -30,6 +30,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm import tqdm
 
+import locking
 from cli import UserError
 
 logger = logging.getLogger("layouts")
@@ -236,6 +237,16 @@ def prepare_archives(dataset_dir: Path) -> bool:
     dataset_dir = Path(dataset_dir)
     if not dataset_dir.is_dir() or not needs_unpacking(dataset_dir):
         return False
+    # Two runs (say, with different --analysis_name) may reach here for one archive folder: the second's
+    # staging cleanup would delete the first's work. One unpacks; the other stops, naming it.
+    busy = "it is unpacking ImageNet's archives there: run again once it has finished"
+    with locking.hold(dataset_dir, busy_advice=busy, leave_no_file=True):
+        if not needs_unpacking(dataset_dir):  # finished by another run between the check and the lock
+            return False
+        return _prepare_archives(dataset_dir)
+
+
+def _prepare_archives(dataset_dir: Path) -> bool:
     if not hasattr(tarfile, "data_filter"):
         raise UserError(
             f"unpacking ImageNet's archives needs tarfile's 'data' filter, which Python {platform.python_version()} "

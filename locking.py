@@ -28,6 +28,7 @@ from cli import UserError
 
 # How long a refused run waits for the holder's details, which it writes just after taking the lock.
 HOLDER_WAIT_S = 1.0
+BUSY_ADVICE = "wait for it to finish, or choose another --output_dir/--analysis_name"
 # Locks this process holds, by lock file: POSIX locks belong to the process and closing any descriptor of
 # the file releases them, so a nested `hold` of the same folder (a benchmark around analyze.main) reuses
 # the open descriptor instead of opening the file again.
@@ -78,7 +79,7 @@ def _remove_unused(lock_path: Path, created: List[Path]) -> None:
                 path.rmdir()
 
 
-def _open_and_lock(folder: Path, lock_path: Path, created: List[Path]) -> Tuple[int, bool]:
+def _open_and_lock(folder: Path, lock_path: Path, created: List[Path], busy_advice: str) -> Tuple[int, bool]:
     """A descriptor of `lock_path` holding its lock, and whether this call created the file (in `folder`,
     made with the missing `created` folders). A holder that finishes unlinks the file before it unlocks
     it: a run that opened it just before then locks a file no longer there, so the lock is taken again on
@@ -106,8 +107,7 @@ def _open_and_lock(folder: Path, lock_path: Path, created: List[Path]) -> Tuple[
             if error.errno not in (errno.EACCES, errno.EAGAIN):
                 raise
             raise UserError(
-                f"{folder} is in use by another run ({describe_holder(lock_path)}); wait for it to finish, or "
-                "choose another --output_dir/--analysis_name"
+                f"{folder} is in use by another run ({describe_holder(lock_path)}); {busy_advice}"
             ) from None
         if _same_file(descriptor, lock_path):
             return descriptor, new_lock
@@ -115,9 +115,11 @@ def _open_and_lock(folder: Path, lock_path: Path, created: List[Path]) -> Tuple[
 
 
 @contextlib.contextmanager
-def hold(folder: Path) -> Iterator[None]:
+def hold(folder: Path, busy_advice: str = BUSY_ADVICE, leave_no_file: bool = False) -> Iterator[None]:
     """Holds `folder`'s lock (creating the folder) until the block ends; a `UserError` naming the holder
-    if another process has it, or naming the folder if its file system cannot lock."""
+    (and ending with `busy_advice`) if another process has it, or naming the folder if its file system
+    cannot lock. With `leave_no_file`, a lock file this hold created is removed at the end whatever else
+    was written (a folder that is not the suite's own, such as the dataset's)."""
     folder = Path(folder)
     lock_path = folder / naming.LOCK_FILE
     created = [parent for parent in [folder, *folder.parents] if not parent.exists()]  # innermost first
@@ -129,7 +131,7 @@ def hold(folder: Path) -> Iterator[None]:
         finally:
             held[1] -= 1
         return
-    descriptor, new_lock = _open_and_lock(folder, lock_path, created)
+    descriptor, new_lock = _open_and_lock(folder, lock_path, created, busy_advice)
     key = lock_path.resolve()
     _held[key] = [descriptor, 1]
     try:
@@ -140,7 +142,10 @@ def hold(folder: Path) -> Iterator[None]:
         del _held[key]
         with contextlib.suppress(OSError):  # the folder may have been removed (a benchmark's own workdir)
             os.ftruncate(descriptor, 0)
-        if new_lock:
+        if new_lock and leave_no_file:
+            with contextlib.suppress(OSError):
+                lock_path.unlink()  # before unlocking: a run that opened it meanwhile relocks what the path names
+        elif new_lock:
             # A run that stopped before writing anything leaves nothing: not even the folders it made.
             _remove_unused(lock_path, created)
         os.close(descriptor)

@@ -136,6 +136,7 @@ def built(tmp_path) -> Dict[str, Path]:
 def test_every_layout_lists_the_same_images_in_the_same_order(built):
     assert layouts.prepare_archives(built["archives"])
     assert not layouts.prepare_archives(built["archives"])  # once
+    assert not (built["archives"] / ".lock").exists()  # the dataset's folder keeps no lock file
     reference = None
     for name, root in built.items():
         train = pipeline.get_imagenet_dataset("train", root)
@@ -282,3 +283,36 @@ def test_hidden_files_in_a_flat_val_or_its_archive_are_not_images(built):
     for name in ("devkit", "csv", "archives"):
         val = pipeline.base_image_folder(pipeline.get_imagenet_dataset("val", built[name]))
         assert [(Path(path).name, label) for path, label in val.samples] == expected, name
+
+
+def test_a_second_run_does_not_unpack_archives_another_run_is_unpacking(built, tmp_path, capsys):
+    """The archive folder is locked while it is unpacked: a second run (another analysis folder) stops in
+    one line naming the first, and the first's staging folder is left alone."""
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO_ROOT
+
+    archives = built["archives"]
+    staging = archives / layouts.STAGING
+    (staging / "val").mkdir(parents=True)
+    (staging / "val" / "half_written.JPEG").write_bytes(b"the first run's work")
+    started = tmp_path / "holding"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time, locking; from pathlib import Path\n"
+        f"with locking.hold(Path({str(archives)!r}), leave_no_file=True):\n"
+        f"    Path({str(started)!r}).write_text('x'); time.sleep(60)\n")], cwd=REPO_ROOT)
+    try:
+        deadline = time.monotonic() + 30
+        while not started.exists():
+            assert holder.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        with pytest.raises(UserError, match=r"is in use by another run \(pid \d+.*unpacking ImageNet's archives there"):
+            layouts.prepare_archives(archives)
+        assert (staging / "val" / "half_written.JPEG").read_bytes() == b"the first run's work"
+    finally:
+        holder.kill()
+        holder.wait()
+    assert layouts.prepare_archives(archives)  # once the first is gone (its lock died with it), this one unpacks
+    assert not staging.exists() and (archives / "val").is_dir()
