@@ -255,7 +255,7 @@ def run(args: argparse.Namespace, layout: distributed.Layout) -> Dict[str, Path]
     if args.self_influence:
         query_dataset, query_record = data.Subset(val_dataset, []), None
     else:
-        query_dataset, query_record = queries.query_dataset(args, val_dataset, classes, model, preprocessing)
+        query_dataset, query_record = queries.query_dataset(args, val_dataset, classes, model, preprocessing, device)
     num_queries = len(query_dataset)
     distributed.on_main(layout, lambda: preflight.check_resources(model, settings, len(train_dataset), num_queries, args.self_influence, 2 if args.demo else 1))
     if args.check_images:
@@ -263,8 +263,9 @@ def run(args: argparse.Namespace, layout: distributed.Layout) -> Dict[str, Path]
         unreadable = pipeline.unreadable_images(paths[layout.rank :: layout.world_size], settings.num_workers)
         pipeline.raise_if_unreadable(distributed.gather_lists(layout, unreadable), len(paths))
         logger.info("all %d images can be read", len(paths))
-    source = model_source(weights, args.checkpoint)
-    provenance = dataset_provenance(train_dataset, query_dataset, source)
+    # Rank 0 stats every file (1.28M on ImageNet) and hashes the checkpoint, once; the others are told.
+    provenance = distributed.on_main(layout, lambda: dataset_provenance(train_dataset, query_dataset, model_source(weights, args.checkpoint)))
+    source = provenance["train"]["model"]
     if query_record is not None:
         if query_record["selection"] != "first":  # upstream's choice, recorded by its absence: older results stay valid
             provenance["query"]["query_selection"] = query_record["selection"]  # a changed choice is named on rerun

@@ -22,7 +22,6 @@ from cli import UserError
 SELECTIONS = ("first", "per_class", "random")
 LABEL_FROM_FOLDER = "folder"
 LABEL_PREDICTED = "predicted"
-PREDICTION_BATCH = 32
 
 
 def select_positions(labels: Sequence[int], num_queries: int, selection: str, seed: int) -> List[int]:
@@ -128,21 +127,19 @@ def folder_samples(query_dir: Path, classes: Sequence[str]) -> Tuple[List[Tuple[
 
 
 @torch.no_grad()
-def predicted_labels(model: nn.Module, dataset: data.Dataset, num_classes: int) -> List[int]:
+def predicted_labels(model: nn.Module, dataset: data.Dataset, num_classes: int, device: Optional[str] = None) -> List[int]:
     """The model's own prediction for each image among the dataset's `num_classes` classes (the model's
     first outputs; a model may have more), the label of an unlabeled query: its margin is then how sure
     the model is of its own answer."""
-    model.eval()
-    labels: List[int] = []
-    for images, _, _ in data.DataLoader(dataset, batch_size=PREDICTION_BATCH):
-        labels += model(images)[:, :num_classes].argmax(dim=-1).tolist()
-    return labels
+    return [label for label, _ in pipeline.top_classes(model, dataset, num_classes=num_classes, device=device)]
 
 
 def query_dataset(
-    args: Any, val: data.Dataset, classes: Sequence[str], model: nn.Module, preprocessing: pipeline.Preprocessing
+    args: Any, val: data.Dataset, classes: Sequence[str], model: nn.Module, preprocessing: pipeline.Preprocessing,
+    device: Optional[str] = None,
 ) -> Tuple[data.Dataset, Dict[str, Any]]:
-    """The queries the flags ask for, and the record of them kept with the scores."""
+    """The queries the flags ask for, and the record of them kept with the scores (unlabeled queries are
+    predicted on `device`, default: the GPU when there is one)."""
     if args.query_dir is not None:
         root = Path(args.query_dir).resolve()
         samples, labelled = folder_samples(root, classes)
@@ -152,7 +149,7 @@ def query_dataset(
             samples = samples[: args.num_queries]  # the first N: only they are predicted
         if not labelled:
             unlabeled = pipeline.ImageList(root, samples, classes, preprocessing.transform())
-            samples = [(path, label) for (path, _), label in zip(samples, predicted_labels(model, unlabeled, len(classes)))]
+            samples = [(path, label) for (path, _), label in zip(samples, predicted_labels(model, unlabeled, len(classes), device))]
         return pipeline.ImageList(root, samples, classes, preprocessing.transform()), {
             "selection": "query_dir", "root": str(root), "files": [os.path.relpath(path, root) for path, _ in samples],
             "labels": [label for _, label in samples], "label_source": LABEL_FROM_FOLDER if labelled else LABEL_PREDICTED,

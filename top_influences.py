@@ -55,7 +55,6 @@ DEFAULT_ROWS_PER_BLOCK = 16
 MAX_THUMBNAIL_WORKERS = 8
 # The explorer's self-influence page lists this many training images, highest first.
 EXPLORER_SELF_TOP_K = 100
-PREDICTION_BATCH_SIZE = 16
 # Figure geometry, in inches at DPI: each cell is an image with its caption above and a gap beside it,
 # and a title band tops the figure. Axes are placed by hand (no tight bounding box), so the PNG's size in
 # pixels follows from the number of cells alone.
@@ -205,15 +204,9 @@ def _build_model_for_predictions(args: argparse.Namespace, record: Optional[Dict
 
 
 def predict_classes(model: nn.Module, dataset: data.Dataset, positions: Sequence[int]) -> Dict[int, Tuple[int, float]]:
-    """The model's top class and its probability for each example (evaluation transform)."""
-    predictions: Dict[int, Tuple[int, float]] = {}
-    with torch.no_grad():
-        for start in tqdm(range(0, len(positions), PREDICTION_BATCH_SIZE), desc="predictions", unit="batch", disable=len(positions) <= PREDICTION_BATCH_SIZE):
-            chunk = list(positions[start : start + PREDICTION_BATCH_SIZE])
-            images = torch.stack([dataset[position][0] for position in chunk])
-            confidence, classes = model(images).softmax(dim=-1).max(dim=-1)
-            predictions.update(zip(chunk, zip(classes.tolist(), confidence.tolist())))
-    return predictions
+    """The model's top class and its probability for each example (evaluation transform), on the GPU when
+    there is one."""
+    return dict(zip(positions, pipeline.top_classes(model, dataset, positions)))
 
 
 def predict(model: nn.Module, dataset: data.Dataset, positions: Sequence[int], names: Sequence[str]) -> Dict[int, str]:

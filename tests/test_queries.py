@@ -55,13 +55,19 @@ def _rows(path: Path) -> torch.Tensor:
     return load_scores(path)
 
 
+# Rows of a run over other queries come from query batches of another shape, whose products BLAS may
+# round differently in the last bit (seen: 4.8e-7 of scores near 4 on one machine, exact on another).
+# Another image's row differs by far more than this.
+ROW_TOLERANCE = {"rtol": 1e-6, "atol": 1e-6}
+
+
 def test_query_files_score_exactly_the_images_named(dataset, monkeypatch, tmp_path):
     every = _rows(analyze_in_process(monkeypatch, dataset, tmp_path / "all", "--num_queries", "8")["identity"])
     listing = tmp_path / "queries.txt"
     # An index, a bare file name, a path relative to val/ and an absolute path; comments and blanks skipped.
     listing.write_text(f"7\n# my favourites\n\nn01_002.JPEG\n  # relative to val/:\nn02/n02_000.JPEG\n{dataset / 'val' / 'n02' / 'n02_002.JPEG'}\n")
     path = analyze_in_process(monkeypatch, dataset, tmp_path / "listed", "--query_files", str(listing))["identity"]
-    torch.testing.assert_close(_rows(path), every[[7, 2, 4, 6]], rtol=0, atol=0)
+    torch.testing.assert_close(_rows(path), every[[7, 2, 4, 6]], **ROW_TOLERANCE)
 
 
 def test_a_hash_inside_a_listed_file_name_is_part_of_the_name(dataset, tmp_path):
@@ -107,7 +113,7 @@ def test_per_class_and_random_are_recorded_and_a_changed_choice_is_refused(datas
     every = _rows(analyze_in_process(monkeypatch, dataset, tmp_path / "all", "--num_queries", "8")["identity"])
     out = tmp_path / "out"
     path = analyze_in_process(monkeypatch, dataset, out, "--num_queries", "3", "--query_selection", "per_class")["identity"]
-    torch.testing.assert_close(_rows(path), every[[0, 1, 4]], rtol=0, atol=0)  # the first of each class, then the second
+    torch.testing.assert_close(_rows(path), every[[0, 1, 4]], **ROW_TOLERANCE)  # the first of each class, then the second
     capsys.readouterr()
     with pytest.raises(SystemExit):
         analyze_in_process(monkeypatch, dataset, out, "--num_queries", "3", "--query_selection", "random")
@@ -132,7 +138,7 @@ def test_query_dir_with_class_folders_scores_those_images_with_those_labels(data
     shutil.copy(dataset / "val" / "n01" / "n01_003.JPEG", mine / "0" / "b.jpg")
     monkeypatch.chdir(tmp_path)  # a relative --query_dir, as a user types it
     path = analyze_in_process(monkeypatch, dataset, tmp_path / "mine_out", "--query_dir", "mine")["identity"]
-    torch.testing.assert_close(_rows(path), every[[3, 5]], rtol=0, atol=0)  # folders in name order: 0, then n02
+    torch.testing.assert_close(_rows(path), every[[3, 5]], **ROW_TOLERANCE)  # folders in name order: 0, then n02
     result = top_influences.main(["--dataset_dir", str(dataset), "--scores", str(path), "--num_figures", "0", "--no_prediction"])
     assert [Path(entry["query_path"]).name for entry in result["queries"]] == ["b.jpg", "a.jpg"]
 
