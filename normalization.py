@@ -17,7 +17,6 @@ the rescaled scores as results of their own, whose record names the results they
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 from pathlib import Path
@@ -30,7 +29,9 @@ from torch.utils import data
 
 import distributed
 import naming
+from cli import UserError
 from records import claim_results_dir
+from score_files import load_record
 from scoring import compute_self_scores, load_scores
 from settings import AnalysisSettings
 
@@ -91,7 +92,11 @@ def compute_query_self_scores(
 
 
 def _record(path: Path) -> Dict[str, Any]:
-    return json.loads((path.parent / naming.RUN_CONFIG_FILE).read_text())
+    """The run record of results this run has just computed or reused (so it exists)."""
+    record = load_record(path, warn=False)
+    if record is None:
+        raise UserError(f"{path.parent / naming.RUN_CONFIG_FILE} is missing: recompute those results with --overwrite")
+    return record
 
 
 def compute_normalized_scores(

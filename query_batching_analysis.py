@@ -30,7 +30,7 @@ from naming import (
     pairwise_scores_path,
     scores_name,
 )
-from score_files import ScoreFile, check_writable, open_score_file, read_rows, recorded_queries, resolve_scores_path
+from score_files import ScoreFile, check_writable, open_score_file, query_choice, read_rows, resolve_scores_path
 
 PROG = "query_batching_analysis.py"
 logger = logging.getLogger(PROG)
@@ -236,7 +236,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
                 f"score shapes differ: {full.path} has {full.num_queries} x {full.num_train}, {low.path} has "
                 f"{low.num_queries} x {low.num_train} (queries x training examples); both must score the same queries and training set"
             )
-        full_queries, low_queries = recorded_queries(full.path), recorded_queries(low.path)
+        full_queries, low_queries = query_choice(full.path), query_choice(low.path)
         if full_queries[0] and low_queries[0] and full_queries[0] != low_queries[0]:
             raise UserError(
                 f"{full.path} and {low.path} were computed for different query images (their records' "

@@ -83,12 +83,15 @@ def file_normalization(path: Path, metadata: Dict[str, str]) -> str:
     return saved
 
 
-def recorded_queries(path: Path) -> Tuple[Optional[str], Optional[Dict[str, Any]]]:
+def query_choice(path: Path) -> Tuple[Optional[str], Optional[Dict[str, Any]]]:
     """The fingerprint of a score file's query images and analyze.py's record of how they were chosen,
-    from its run_config.json (None where there is no record)."""
+    from its run_config.json (None where there is no readable record). queries.recorded_queries turns the
+    latter back into a dataset."""
     try:
-        record = json.loads((path.parent / naming.RUN_CONFIG_FILE).read_text())
-    except (OSError, ValueError):
+        record = load_record(path, warn=False)
+    except UserError:
+        return None, None
+    if record is None:
         return None, None
     return record.get("depends_on", {}).get("query_files_sha256"), record.get("resolved", {}).get("queries")
 
@@ -163,11 +166,13 @@ def read_self_scores(path: Path) -> torch.Tensor:
     return scores
 
 
-def load_record(scores_path: Path) -> Optional[Dict[str, Any]]:
-    """The run_config.json beside a score file, or None (with a warning) where there is none."""
+def load_record(scores_path: Path, warn: bool = True) -> Optional[Dict[str, Any]]:
+    """The run_config.json beside a score file, or None (with a warning unless `warn` is off) where there
+    is none; a `UserError` line where it is not JSON."""
     record_path = scores_path.parent / naming.RUN_CONFIG_FILE
     if not record_path.is_file():
-        logger.warning("%s is missing: cannot check that the scores were computed on this dataset", record_path)
+        if warn:
+            logger.warning("%s is missing: cannot check that the scores were computed on this dataset", record_path)
         return None
     try:
         return json.loads(record_path.read_text())
