@@ -54,7 +54,7 @@ BOOTSTRAP_RESAMPLES = 1000
 TOP_FRACTION = 0.1  # kronfluence's mislabel measure: the share of planted mislabels in the top 10% of self-influence
 NORMALIZED = naming.NORMALIZATIONS[1:]
 RELATIVE = NORMALIZED[0]
-FULL_MINUTES, QUICK_MINUTES = 95, 25  # measured wall-clock on 2 cores, from nothing (docs/validation.md)
+FULL_MINUTES, QUICK_MINUTES = 95, 15  # measured wall-clock on 2 cores, from nothing (docs/validation.md)
 PROBE_NAME = "probe"  # a file name inside each output folder: check_writable checks its folder
 
 
