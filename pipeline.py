@@ -372,16 +372,16 @@ PREDICTION_BATCH_SIZE = 32
 @torch.no_grad()
 def top_classes(
     model: nn.Module, dataset: data.Dataset, positions: Optional[Sequence[int]] = None, num_classes: Optional[int] = None,
-    device: Optional[str] = None, num_workers: int = 0,
+    device: Optional[str] = None,
 ) -> List[Tuple[int, float]]:
     """The model's top class (among its first `num_classes` outputs: a 1,000-way model on a smaller
     folder) and its probability for each example at `positions` (default: all), in order: batches from a
-    DataLoader (`num_workers` processes), on `device` (default: the GPU when torch sees one). The model is
+    DataLoader, on `device` (default: the GPU when torch sees one). The model is
     left on that device, in eval mode."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     chosen = dataset if positions is None else data.Subset(dataset, list(positions))
     model = model.to(device).eval()
-    loader = data.DataLoader(chosen, batch_size=PREDICTION_BATCH_SIZE, num_workers=num_workers, pin_memory=device == "cuda")
+    loader = data.DataLoader(chosen, batch_size=PREDICTION_BATCH_SIZE, pin_memory=device == "cuda")
     found: List[Tuple[int, float]] = []
     for images, *_ in tqdm(loader, desc="predictions", unit="batch", disable=len(loader) <= 1):
         logits = model(images.to(device, non_blocking=True))
