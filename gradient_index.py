@@ -1,0 +1,571 @@
+"""A new question in seconds: `build` makes one pass over the training set and stores every training
+image's gradient, compressed per layer to --index_dim x --index_dim (LoGra-style Gaussian projections of
+each layer's inputs and output gradients, projection.py), in resumable safetensors shards; `query`
+computes only the queries' measurement gradients, preconditions them exactly with the factors analyze.py
+fitted (EKFAC, KFAC, diagonal or identity, through kronfluence itself), projects them the same way and
+scores them against every shard, writing the pairwise score file top_influences.py and the explorer read.
+All preconditioning is on the query side, so one index serves every strategy and damping; the score is an
+unbiased estimate of analyze.py's full-rank score (docs/gradient_index.md says how close it is).
+
+    python gradient_index.py build --dataset_dir PATH_TO_IMAGENET --index_dim 32
+    python gradient_index.py query --dataset_dir PATH_TO_IMAGENET --index_dim 32 --query_dir my_photos/
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from kronfluence.arguments import FactorArguments
+from kronfluence.utils.constants import SCORE_SAVE_PREFIX
+from kronfluence.utils.exceptions import FactorsNotFoundError
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch.utils import data
+from tqdm.auto import tqdm
+
+import demo
+import hardware
+import layouts
+import locking
+import naming
+import pipeline
+import preflight
+import projection
+import queries
+from analyze import _damping as damping_argument  # the same rule as analyze.py's --damping_factor
+from cli import UserError, non_negative_int, positive_int, setup_logging, user_errors
+from records import claim_results_dir, dataset_provenance, model_source, precision_record, write_failure
+from scoring import score_arguments
+from settings import DEFAULT_TF32, DEMO_DEFAULTS, SEED_DEFAULTS, STRATEGIES, TF32_CHOICES, AnalysisSettings, set_tf32
+from task import ClassificationTask, make_analyzer
+
+logger = logging.getLogger("gradient_index")
+
+PROG = "gradient_index.py"
+INDEX_PREFIX = "gradient_index_dim"
+INDEX_SCORES_PREFIX = "index_"
+SHARD_STEM = "shard_"
+SHARD_SUFFIX = ".safetensors"
+STAGING_GLOB = f".{SHARD_STEM}*.tmp"
+GRADIENTS_KEY = "gradients"  # in each shard: (images in the shard, compressed dimension)
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+DEFAULT_DTYPE = "float16"
+SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}  # safetensors' names of them
+DEFAULT_INDEX_DIM = 32
+# Training images per shard: a kill loses at most one shard; 10,000 ResNet-50 images at --index_dim 32
+# in float16 are a 1.1 GB file, and ImageNet takes 129 of them.
+DEFAULT_SHARD_SIZE = 10_000
+# The query side holds one batch of full preconditioned gradients (about 100 MB per ResNet-50 query in
+# float32) while it projects them; analyze.py holds all of its gathered queries at once.
+DEFAULT_QUERY_BATCH_SIZE = {"seed": 16, "demo": 8}
+SCORE_BYTES = 4  # the score file is float32
+DIM_METADATA_KEY = "gradient_index_dim"
+
+
+# ----------------------------------------------------------------------------------------------- names
+
+
+def index_name(index_dim: int) -> str:
+    """`gradient_index_dim32`: one index per --index_dim in an analysis folder."""
+    return f"{INDEX_PREFIX}{index_dim}"
+
+
+def index_dir(output_dir: str | Path, analysis_name: str, index_dim: int) -> Path:
+    return naming.analysis_dir(output_dir, analysis_name) / index_name(index_dim)
+
+
+def shard_path(directory: Path, position: int) -> Path:
+    """`shard_00000.safetensors`: the shard holding training images position * shard_size onwards."""
+    return Path(directory) / f"{SHARD_STEM}{position:05d}{SHARD_SUFFIX}"
+
+
+def index_scores_name(strategy: str, index_dim: int) -> str:
+    """`index_ekfac_dim32`: scores from the index, beside analyze.py's `ekfac` (never mistaken for them)."""
+    return f"{INDEX_SCORES_PREFIX}{strategy}_dim{index_dim}"
+
+
+def index_scores_dir(output_dir: str | Path, analysis_name: str, strategy: str, index_dim: int) -> Path:
+    return naming.scores_dir(output_dir, analysis_name, index_scores_name(strategy, index_dim))
+
+
+def shard_ranges(num_train: int, shard_size: int) -> List[Tuple[int, int]]:
+    """[start, stop) of each shard's training images, in dataset order."""
+    return [(start, min(start + shard_size, num_train)) for start in range(0, num_train, shard_size)]
+
+
+# ----------------------------------------------------------------------------------------------- settings
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexSettings:
+    """What `build` is asked to do (recorded in the index's run_config.json)."""
+
+    index_dim: int = DEFAULT_INDEX_DIM
+    dtype: str = DEFAULT_DTYPE
+    shard_size: int = DEFAULT_SHARD_SIZE
+    seed: int = 0
+    train_batch_size: int = SEED_DEFAULTS["train_batch_size"]
+    num_workers: int = 0
+    device: str = "cpu"
+    tf32: str = DEFAULT_TF32
+    output_dir: str = naming.DEFAULT_OUTPUT_DIR
+    analysis_name: str = naming.DEFAULT_ANALYSIS_NAME
+    overwrite: bool = False
+
+
+def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset_dir", type=Path, help="ImageNet folder holding train/<wnid>/* and val/<wnid>/* (any layout analyze.py reads).")
+    parser.add_argument("--demo", action="store_true", help="The offline demo's generated images under data/demo/ (made once), as analyze.py --demo.")
+    parser.add_argument("--weights", choices=pipeline.weight_choices(), help=f"torchvision ResNet50_Weights to load, or 'none' for random init (default: {pipeline.DEFAULT_WEIGHTS}; demo: that if cached, else none).")
+    parser.add_argument("--checkpoint", type=Path, help="Local ResNet-50 state dict instead of --weights (as analyze.py).")
+    parser.add_argument("--resize_size", type=positive_int, help=f"With --checkpoint or --weights none: the shorter side resized to this many pixels (default: {pipeline.RESIZE_SIZE}).")
+    parser.add_argument("--crop_size", type=positive_int, help=f"With --checkpoint or --weights none: the centre crop the model sees (default: {pipeline.CROP_SIZE}).")
+    parser.add_argument("--index_dim", type=positive_int, default=DEFAULT_INDEX_DIM, help=f"Each layer's gradient is compressed to index_dim x index_dim (a side of at most index_dim is kept whole); bytes per image = sum over layers of that x the --dtype size (ResNet-50 at 32 in float16: 110.6 kB) (default: {DEFAULT_INDEX_DIM}).")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="Seed of the projections, and of the random init with --weights none; the query must use the index's (default: 0).")
+    parser.add_argument("--output_dir", type=Path, default=Path(naming.DEFAULT_OUTPUT_DIR), help=f"Where results go (default: {naming.DEFAULT_OUTPUT_DIR}).")
+    parser.add_argument("--analysis_name", help=f"Sub-folder of --output_dir, analyze.py's for this model and data (default: {naming.DEFAULT_ANALYSIS_NAME}; demo: {naming.DEMO_ANALYSIS_NAME}).")
+    parser.add_argument("--num_workers", type=non_negative_int, help=f"DataLoader worker processes (default: the CPUs this process may use, at most {hardware.MAX_DEFAULT_WORKERS}; demo 0).")
+    parser.add_argument("--device", choices=hardware.DEVICE_CHOICES, default="auto", help="Where to compute: auto = the GPU when torch sees one, else the CPU (default: auto).")
+    parser.add_argument("--tf32", choices=TF32_CHOICES, default=DEFAULT_TF32, help=f"Which float32 ops run in TF32 on GPUs that have it, as analyze.py (default: {DEFAULT_TF32}); recorded with the index.")
+    parser.add_argument("--overwrite", action="store_true", help="Replace an index or scores on disk that were made with other settings.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{build,query}")
+    build = commands.add_parser("build", help="One pass over the training set: the compressed gradient of every training image, in shards.")
+    _add_common_arguments(build)
+    build.add_argument("--train_batch_size", type=positive_int, help="Training images per batch (default: 256; demo 8).")
+    build.add_argument("--dtype", choices=tuple(DTYPES), default=DEFAULT_DTYPE, help=f"How the compressed gradients are stored: float16 (the default; a value beyond its range stops the build and names bfloat16), bfloat16, or float32 (twice the disk; for exactness checks).")
+    build.add_argument("--shard_size", type=positive_int, default=DEFAULT_SHARD_SIZE, help=f"Training images per shard; each is written when finished, so a killed build loses at most one (default: {DEFAULT_SHARD_SIZE:,}).")
+    query = commands.add_parser("query", help="Score queries against a finished index, preconditioned with analyze.py's factors.")
+    _add_common_arguments(query)
+    query.add_argument("--factor_strategy", choices=STRATEGIES, default="ekfac", help="Which of analyze.py's factors precondition the queries (default: ekfac); they must be fitted already, except identity's.")
+    query.add_argument("--damping_factor", type=damping_argument, default=argparse.SUPPRESS, help="Damping, as analyze.py's: a number, or 'heuristic' for 0.1 x mean eigenvalue (default: 1e-8; demo: heuristic). Use the value the exact scores used to compare with them.")
+    query.add_argument("--num_queries", type=positive_int, help="Score N validation images chosen by --query_selection (default: 1000; demo: all).")
+    query.add_argument("--query_selection", choices=queries.SELECTIONS, default="first", help="Which validation images are the queries: first (default), per_class or random (by --seed), as analyze.py.")
+    query.add_argument("--query_files", type=Path, help="A text file naming the query images, one per line (validation image paths or indices), as analyze.py.")
+    query.add_argument("--query_dir", type=Path, help="Any folder of images as queries: class subfolders (wnid or class index) give the labels, else the model's prediction, as analyze.py.")
+    query.add_argument("--query_batch_size", type=positive_int, help=f"Queries whose full preconditioned gradients are held at once (about 100 MB each for ResNet-50) (default: {DEFAULT_QUERY_BATCH_SIZE['seed']}; demo {DEFAULT_QUERY_BATCH_SIZE['demo']}).")
+    query.add_argument("--scores_dir", type=Path, help=f"The score folder to write (default: OUTPUT_DIR/ANALYSIS_NAME/{SCORE_SAVE_PREFIX}{INDEX_SCORES_PREFIX}STRATEGY_dimINDEX_DIM); one per question keeps earlier answers.")
+    return parser
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.demo and args.dataset_dir is not None:
+        parser.error("--demo makes its own dataset; drop --dataset_dir")
+    if not args.demo and args.dataset_dir is None:
+        parser.error("--dataset_dir is required (or --demo for the offline demo)")
+    if args.checkpoint is not None and args.weights is not None:
+        parser.error("--checkpoint and --weights exclude each other")
+    problem = pipeline.check_preprocessing_sizes(args.resize_size, args.crop_size)
+    if problem:
+        parser.error(problem)
+    defaults = DEMO_DEFAULTS if args.demo else SEED_DEFAULTS
+    if args.analysis_name is None:
+        args.analysis_name = defaults["analysis_name"]
+    if args.num_workers is None:
+        args.num_workers = 0 if args.demo else hardware.default_num_workers()
+    if args.command == "build":
+        if args.train_batch_size is None:
+            args.train_batch_size = defaults["train_batch_size"]
+        return args
+    if args.query_files is not None and args.query_dir is not None:
+        parser.error("--query_files and --query_dir exclude each other")
+    if (args.query_files is not None or args.query_dir is not None) and args.query_selection != "first":
+        parser.error("--query_selection chooses among validation images; drop it with --query_files or --query_dir")
+    if args.query_files is not None and args.num_queries is not None:
+        parser.error("--query_files names the queries; drop --num_queries")
+    if args.query_files is not None and not args.query_files.is_file():
+        parser.error(f"--query_files {args.query_files} is not a file")
+    if args.query_dir is not None and not args.query_dir.is_dir():
+        parser.error(f"--query_dir {args.query_dir} is not a folder")
+    if args.num_queries is None and args.query_files is None and args.query_dir is None:
+        args.num_queries = defaults["num_queries"]
+    if not hasattr(args, "damping_factor"):
+        args.damping_factor = defaults["damping_factor"]
+    if args.query_batch_size is None:
+        args.query_batch_size = DEFAULT_QUERY_BATCH_SIZE["demo" if args.demo else "seed"]
+    return args
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+
+
+@dataclasses.dataclass
+class Inputs:
+    """The model and the training (and validation) images, as analyze.py builds them."""
+
+    dataset_dir: Path
+    preprocessing: pipeline.Preprocessing
+    train: data.Dataset
+    val: Optional[data.Dataset]
+    model: torch.nn.Module
+    source: str
+
+
+def load_inputs(args: argparse.Namespace, with_val: bool) -> Inputs:
+    """analyze.py's model and datasets from the same flags (the demo's folder and weights included)."""
+    if args.checkpoint is not None:
+        pipeline.check_checkpoint_path(args.checkpoint)
+    weights = args.weights
+    if args.demo:
+        args.dataset_dir = demo.make_demo_dataset()
+        if weights is None and args.checkpoint is None and not pipeline.pretrained_weights_cached():
+            logger.warning("demo: pretrained ResNet-50 weights are not cached (no download here); using random init")
+            weights = pipeline.NO_WEIGHTS
+    if weights is None and args.checkpoint is None:
+        weights = pipeline.DEFAULT_WEIGHTS
+    preprocessing = pipeline.model_preprocessing(weights if args.checkpoint is None else None, args.resize_size, args.crop_size)
+    dataset_dir = Path(args.dataset_dir)
+    layouts.prepare_archives(dataset_dir)
+    train = pipeline.get_imagenet_dataset("train", dataset_dir, preprocessing=preprocessing)
+    val = pipeline.get_imagenet_dataset("val", dataset_dir, preprocessing=preprocessing) if with_val else None
+    if val is not None:
+        pipeline.check_datasets(train, val, 0)
+    if args.checkpoint is None and weights != pipeline.NO_WEIGHTS and not args.demo:
+        pipeline.check_pretrained_classes(train, weights)
+    model = pipeline.build_model(weights=weights, checkpoint=args.checkpoint, seed=args.seed)
+    pipeline.check_model_fits_classes(train, model)
+    return Inputs(dataset_dir, preprocessing, train, val, model, model_source(weights, args.checkpoint))
+
+
+def input_record(args: argparse.Namespace, inputs: Inputs) -> Dict[str, Any]:
+    """Where things were, for the record; top_influences.py rebuilds the model and the view from it."""
+    return {
+        "dataset_dir": str(inputs.dataset_dir.resolve()),
+        "checkpoint": str(args.checkpoint.resolve()) if args.checkpoint is not None else None,
+        "preprocessing": dataclasses.asdict(inputs.preprocessing),
+    }
+
+
+def query_provenance(args: argparse.Namespace, inputs: Inputs, query_dataset: data.Dataset, query_record: Dict[str, Any]) -> Dict[str, Any]:
+    """What the scores depend on and record, keyed exactly as analyze.run keys them (top_influences.py
+    compares these keys with the dataset it is given)."""
+    provenance = dataset_provenance(inputs.train, query_dataset, inputs.source)
+    if query_record["selection"] != "first":
+        provenance["query"]["query_selection"] = query_record["selection"]
+    if query_record["label_source"] == queries.LABEL_PREDICTED:
+        provenance["query"]["query_labels"] = queries.LABEL_PREDICTED
+    provenance["queries"] = query_record
+    provenance["inputs"] = input_record(args, inputs)
+    return provenance
+
+
+def index_depends_on(train_provenance: Dict[str, Any], index_dim: int, seed: int) -> Dict[str, Any]:
+    """What every index depends on, and what a query checks before it trusts one."""
+    return {**train_provenance, "index_dim": index_dim, "seed": seed, "projection": projection.PROJECTION_SCHEME}
+
+
+def _prepare_device(args: argparse.Namespace) -> str:
+    device = hardware.resolve_device(args.device)
+    hardware.check_gpu_capability(device)
+    set_tf32(args.tf32, device)
+    hardware.make_repeatable(device)
+    return device
+
+
+def _check_disk(folder: Path, needed: int, what: str) -> None:
+    existing = Path(folder)
+    while not existing.exists():
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    logger.info("preflight: %s needs %s under %s (%s free)", what, preflight.size_text(needed), folder, preflight.size_text(free))
+    if needed > free:
+        raise UserError(
+            f"not enough disk space under {folder}: {what} needs {preflight.size_text(needed)}, "
+            f"{preflight.size_text(free)} is free; free space, choose another --output_dir, or a smaller --index_dim or --dtype"
+        )
+
+
+def _dataloader(dataset: data.Dataset, batch_size: int, num_workers: int, device: str) -> data.DataLoader:
+    return data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=device == "cuda")
+
+
+# ----------------------------------------------------------------------------------------------- shards
+
+
+def _shard_complete(path: Path, rows: int, dim: int, dtype: torch.dtype) -> bool:
+    """Whether a shard on disk holds `rows` x `dim` of `dtype` (shards are written under a temporary name
+    and renamed, so a readable file of the right shape is a finished one)."""
+    if not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            tensor = handle.get_slice(GRADIENTS_KEY)
+            return tuple(tensor.get_shape()) == (rows, dim) and SAFETENSORS_DTYPES.get(tensor.get_dtype()) == dtype
+    except (SafetensorError, OSError):
+        return False
+
+
+def _write_shard(path: Path, gradients: torch.Tensor, start: int, stop: int) -> None:
+    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file({GRADIENTS_KEY: gradients.contiguous()}, str(staging), metadata={"start": str(start), "stop": str(stop)})
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)
+
+
+def read_shard(path: Path, rows: int, dim: int) -> torch.Tensor:
+    """One finished shard's compressed gradients (rows x dim), checked; one line if it is not one."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            gradients = handle.get_tensor(GRADIENTS_KEY)
+    except (SafetensorError, OSError) as error:
+        raise UserError(f"{path} is not a readable shard ({error}); rebuild the index with `{PROG} build`") from None
+    if tuple(gradients.shape) != (rows, dim):
+        raise UserError(f"{path} holds {tuple(gradients.shape)}, expected ({rows}, {dim}); rebuild the index with `{PROG} build --overwrite`")
+    return gradients
+
+
+def _check_range(compressed: torch.Tensor, dtype: torch.dtype, start: int) -> None:
+    if dtype != torch.float16:
+        return
+    largest = compressed.abs().max().item()
+    if not largest <= torch.finfo(torch.float16).max:
+        raise UserError(
+            f"compressed gradients of the training images from {start} on reach {largest:.3g}, beyond float16's "
+            f"range; rebuild with --dtype bfloat16 (finished shards are replaced with --overwrite)"
+        )
+
+
+# ----------------------------------------------------------------------------------------------- build
+
+
+def run_build(args: argparse.Namespace) -> Path:
+    """Builds (or finishes, or reuses) the index; returns its folder."""
+    device = _prepare_device(args)
+    inputs = load_inputs(args, with_val=False)
+    settings = IndexSettings(
+        index_dim=args.index_dim, dtype=args.dtype, shard_size=args.shard_size, seed=args.seed,
+        train_batch_size=args.train_batch_size, num_workers=args.num_workers, device=device, tf32=args.tf32,
+        output_dir=str(args.output_dir), analysis_name=args.analysis_name, overwrite=args.overwrite,
+    )
+    dtype = DTYPES[settings.dtype]
+    plan = projection.layer_plan(inputs.model, settings.index_dim)
+    dim = sum(layer.size for layer in plan)
+    per_image = projection.bytes_per_example(plan, dtype.itemsize)
+    num_train = len(inputs.train)
+    ranges = shard_ranges(num_train, settings.shard_size)
+    provenance = dataset_provenance(inputs.train, data.Subset(inputs.train, []), inputs.source)["train"]
+    depends_on = {
+        **index_depends_on(provenance, settings.index_dim, settings.seed),
+        "dtype": settings.dtype, "shard_size": settings.shard_size, **precision_record(device),
+    }
+    resolved = {
+        "layers": [dataclasses.asdict(layer) for layer in plan], "dim": dim, "bytes_per_image": per_image,
+        "num_shards": len(ranges), **input_record(args, inputs),
+    }
+    directory = index_dir(settings.output_dir, settings.analysis_name, settings.index_dim)
+    logger.info(hardware.describe_device(device, args.device))
+    hardware.warn_if_slow_on_cpu(device, num_train, args.demo)
+    claim_results_dir(directory, depends_on, settings, "gradient index", resolved)
+    for stale in directory.glob(STAGING_GLOB):  # a shard being written when a run was killed
+        stale.unlink()
+    finished = {position for position, (start, stop) in enumerate(ranges) if _shard_complete(shard_path(directory, position), stop - start, dim, dtype)}
+    remaining = sum(stop - start for position, (start, stop) in enumerate(ranges) if position not in finished)
+    logger.info(
+        "%s: %d training images, %d layers, index_dim %d (%s per image in %s), %d shards%s",
+        inputs.source, num_train, len(plan), settings.index_dim, preflight.size_text(per_image), settings.dtype, len(ranges),
+        f", reusing {len(finished)} finished" if finished else "",
+    )
+    if remaining:
+        _check_disk(directory, remaining * per_image, "the index")
+        model = inputs.model.to(device).eval()
+        for parameter in model.parameters():  # only activation gradients are needed: no weight gradients computed
+            parameter.requires_grad_(False)
+        projections = projection.Projections.draw(plan, settings.seed).to(device)
+        task = ClassificationTask(settings.seed)
+        started = time.perf_counter()
+        with projection.CompressedGradientRecorder(model, projections) as recorder, tqdm(
+            total=num_train, initial=num_train - remaining, desc="gradient index", unit="img"
+        ) as progress:
+            for position, (start, stop) in enumerate(ranges):
+                if position in finished:
+                    continue
+                rows = []
+                for images, labels, indices in _dataloader(data.Subset(inputs.train, range(start, stop)), settings.train_batch_size, settings.num_workers, device):
+                    batch = (images.to(device), labels.to(device), indices.to(device))
+                    task.compute_train_loss(batch, model, sample=False).backward()
+                    compressed = recorder.take()
+                    _check_range(compressed, dtype, start + sum(len(row) for row in rows))
+                    rows.append(compressed.to(dtype).cpu())
+                    progress.update(len(labels))
+                _write_shard(shard_path(directory, position), torch.cat(rows), start, stop)
+        elapsed = time.perf_counter() - started
+        logger.info(
+            "compressed %d training images in %.1f s (%.1f images/s)", remaining, elapsed, remaining / elapsed,
+            extra={"timings": {"build_s": elapsed, "built_images": remaining}},  # read by benchmarks/gradient_index_benchmark.py
+        )
+    logger.info("gradient index `%s`: %s, %d x %d (%s)", index_name(settings.index_dim), directory, num_train, dim, preflight.size_text(num_train * per_image))
+    return directory
+
+
+# ----------------------------------------------------------------------------------------------- query
+
+
+def open_index(directory: Path, expected: Dict[str, Any], index_dim: int) -> Tuple[Dict[str, Any], List[Tuple[int, int]]]:
+    """The record of a finished index built for exactly `expected`, and its shard ranges; one line if
+    there is none, it is stale or unfinished."""
+    build_hint = f"`{PROG} build` with the same --dataset_dir, model, --index_dim {index_dim} and --seed"
+    record_path = directory / naming.RUN_CONFIG_FILE
+    if not record_path.is_file():
+        raise UserError(f"no gradient index at {directory}: build it first with {build_hint}")
+    try:
+        record = json.loads(record_path.read_text())
+    except ValueError:
+        raise UserError(f"{record_path} cannot be read; rebuild the index with {build_hint} --overwrite") from None
+    saved = record.get("depends_on", {})
+    changes = [f"{key} {saved.get(key)!r} -> {value!r}" for key, value in expected.items() if saved.get(key) != value]
+    if changes:
+        raise UserError(
+            f"the gradient index in {directory} was built with other settings ({'; '.join(changes)}); rebuild it "
+            f"with {build_hint} --overwrite"
+        )
+    ranges = shard_ranges(saved["num_train"], saved["shard_size"])
+    dim = record["resolved"]["dim"]
+    done = [position for position, (start, stop) in enumerate(ranges) if _shard_complete(shard_path(directory, position), stop - start, dim, DTYPES[saved["dtype"]])]
+    if len(done) != len(ranges):
+        raise UserError(
+            f"the gradient index in {directory} is unfinished ({len(done)} of {len(ranges)} shards); run the same "
+            f"`{PROG} build` command again to finish it"
+        )
+    return record, ranges
+
+
+def load_factors(analyzer: Any, args: argparse.Namespace, train_provenance: Dict[str, Any]) -> Tuple[Optional[Dict[str, Any]], FactorArguments, Dict[str, Any]]:
+    """analyze.py's fitted factors of --factor_strategy (record, kronfluence's arguments, the factors),
+    checked to be of this model and these training images; identity needs none."""
+    name = naming.factors_name(args.factor_strategy, False)
+    directory = naming.factors_dir(args.output_dir, args.analysis_name, name)
+    record_path = directory / naming.RUN_CONFIG_FILE
+    hint = f"run `analyze.py --factor_strategy {args.factor_strategy}` with the same --dataset_dir, model and --output_dir/--analysis_name first"
+    if not record_path.is_file():
+        if args.factor_strategy == "identity":
+            return None, FactorArguments(strategy="identity"), {}
+        raise UserError(f"no {args.factor_strategy} factors in {directory}: {hint}")
+    try:
+        record = json.loads(record_path.read_text())
+    except ValueError:
+        raise UserError(f"{record_path} cannot be read: {hint}") from None
+    saved = record.get("depends_on", {})
+    # The seed too, as analyze.py checks it: it draws the true-Fisher labels the factors were fitted with
+    # (and, with --weights none, the model itself).
+    changed = [key for key, value in {**train_provenance, "seed": args.seed}.items() if saved.get(key) != value]
+    if changed:
+        raise UserError(f"the factors in {directory} were fitted with another model, other images or another seed ({', '.join(changed)} differ): {hint}")
+    try:
+        factor_args = analyzer.load_factor_args(name)
+        factors = analyzer.load_all_factors(name)
+    except (FileNotFoundError, FactorsNotFoundError):
+        raise UserError(f"the factors in {directory} are unfinished: {hint}") from None
+    return record, factor_args, factors
+
+
+def run_query(args: argparse.Namespace) -> Path:
+    """Scores the queries against the index; returns the score file."""
+    device = _prepare_device(args)
+    inputs = load_inputs(args, with_val=True)
+    classes = pipeline.base_image_folder(inputs.train).classes
+    query_dataset, query_record = queries.query_dataset(args, inputs.val, classes, inputs.model, inputs.preprocessing)
+    provenance = query_provenance(args, inputs, query_dataset, query_record)
+    directory = index_dir(args.output_dir, args.analysis_name, args.index_dim)
+    index_record, ranges = open_index(directory, index_depends_on(provenance["train"], args.index_dim, args.seed), args.index_dim)
+    plan = projection.layer_plan(inputs.model, args.index_dim)
+    if [dataclasses.asdict(layer) for layer in plan] != index_record["resolved"]["layers"]:
+        raise UserError(f"the gradient index in {directory} has other layers than this model; rebuild it with `{PROG} build --overwrite`")
+    settings = AnalysisSettings(
+        strategy=args.factor_strategy, query_batch_size=args.query_batch_size, damping_factor=args.damping_factor,
+        num_workers=args.num_workers, device=device, tf32=args.tf32, output_dir=str(args.output_dir),
+        analysis_name=args.analysis_name, seed=args.seed, overwrite=args.overwrite,
+    )
+    analyzer = make_analyzer(inputs.model, settings)  # wraps the model's layers for kronfluence, in place
+    factors_record, factor_args, factors = load_factors(analyzer, args, provenance["train"])
+    scores_dir = args.scores_dir or index_scores_dir(args.output_dir, args.analysis_name, args.factor_strategy, args.index_dim)
+    depends_on = {
+        "index_id": index_record["id"], "index_dim": args.index_dim,
+        "factors_name": naming.factors_name(args.factor_strategy, False),
+        "factors_id": factors_record["id"] if factors_record else None,
+        "damping_factor": args.damping_factor, **precision_record(device), **provenance["query"],
+    }
+    resolved = {**provenance["inputs"], "queries": provenance["queries"], "index": str(directory.resolve())}
+    num_queries, num_train = len(query_dataset), len(inputs.train)
+    logger.info(hardware.describe_device(device, args.device))
+    logger.info("%s: %d queries against %s (%d training images), strategy %s", inputs.source, num_queries, directory, num_train, args.factor_strategy)
+    claim_results_dir(scores_dir, depends_on, settings, "index scores", resolved)
+    path = scores_dir / naming.PAIRWISE_SCORES_FILE
+    if path.is_file():
+        logger.info("reusing finished scores %s", path)
+        return path
+    _check_disk(scores_dir, num_queries * num_train * SCORE_BYTES, "the score file")
+    projections = projection.Projections.draw(plan, args.seed).to(analyzer.state.device)
+    started = time.perf_counter()
+    vectors = []
+    batches = projection.preconditioned_query_gradients(
+        analyzer, query_dataset, args.query_batch_size, factor_args, factors, score_arguments(settings),
+        {"num_workers": args.num_workers, "pin_memory": device == "cuda"},
+    )
+    for gradients in tqdm(batches, total=-(-num_queries // args.query_batch_size), desc="query gradients", unit="batch"):
+        vectors.append(projections.compress([gradients[layer.name].float() for layer in plan]))
+    query_vectors = torch.cat(vectors)
+    gradients_done = time.perf_counter()
+    scores = torch.empty(num_queries, num_train, dtype=torch.float32)
+    for position, (start, stop) in enumerate(tqdm(ranges, desc="scoring shards", unit="shard")):
+        shard = read_shard(shard_path(directory, position), stop - start, query_vectors.shape[1])
+        scores[:, start:stop] = (query_vectors @ shard.to(query_vectors.device, torch.float32).t()).cpu()
+    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file({naming.SCORES_KEY: scores}, str(staging), metadata={DIM_METADATA_KEY: str(args.index_dim), "factor_strategy": args.factor_strategy})
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)
+    timings = {"query_gradients_s": gradients_done - started, "scoring_s": time.perf_counter() - gradients_done}
+    logger.info(
+        "query gradients in %.1f s, scored against %d shards in %.1f s", timings["query_gradients_s"], len(ranges),
+        timings["scoring_s"], extra={"timings": timings},  # read by benchmarks/gradient_index_benchmark.py
+    )
+    logger.info("scores `%s`: %s, shape %s", scores_dir.name, path, tuple(scores.shape))
+    return path
+
+
+# ----------------------------------------------------------------------------------------------- main
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Path:
+    args = parse_args(argv)
+    setup_logging()
+    with user_errors(PROG):
+        analysis = naming.analysis_dir(args.output_dir, args.analysis_name)
+        try:
+            with locking.hold(analysis):
+                scores_parent = getattr(args, "scores_dir", None)
+                if scores_parent is not None and scores_parent.resolve().parent != analysis.resolve():
+                    with locking.hold(scores_parent.parent):  # its own analysis folder, also locked
+                        return run_query(args)
+                return run_build(args) if args.command == "build" else run_query(args)
+        except torch.OutOfMemoryError:
+            raise UserError("out of memory; lower --train_batch_size or --query_batch_size; finished shards are kept") from None
+        except (OSError, SafetensorError) as error:
+            reason = write_failure(error)
+            if reason is None:
+                raise
+            raise UserError(
+                f"cannot write under {analysis} ({reason}); free space or fix the folder, then run the same command "
+                "again: finished shards are kept, the unfinished one was never renamed into place"
+            ) from None
+
+
+if __name__ == "__main__":
+    main()

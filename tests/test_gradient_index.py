@@ -1,0 +1,397 @@
+"""gradient_index.py and projection.py: the compressed gradients equal float64 autograd gradients projected
+explicitly; the projected score is unbiased with exactly the predicted variance; without projection the
+index's scores equal analyze.py's exact identity and EKFAC scores; a killed build resumes to the same
+shards bit for bit without redoing finished ones; stale or missing indexes and factors are refused in one
+line; the command line as a user runs it ends in a file top_influences.py reads.
+
+Run as a script (`python tests/test_gradient_index.py build ...`) this file is gradient_index.py's command
+line with the tiny CNN of small_model_cli.py in place of the ResNet-50; `KILL_AT=N` SIGKILLs it at its
+N-th training batch and `COUNT_FILE=PATH` writes how many training batches it computed."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import List
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import gradient_index  # noqa: E402
+import naming  # noqa: E402
+import pipeline  # noqa: E402
+import projection  # noqa: E402
+from cli import UserError  # noqa: E402
+from conftest import REPO_ROOT, SmallCNN, tiny_counts, write_image_folder  # noqa: E402
+from small_model_cli import analyze_in_process, build_tiny_model  # noqa: E402
+from task import ClassificationTask  # noqa: E402
+
+WORKER = Path(__file__).resolve()
+TINY_SHARD_SIZE = 3  # 8 training images: shards of 3, 3 and 2
+TINY_BATCH_SIZE = 2  # shard 0 is batches 1-2 of the build, shard 1 batches 3-4
+WHOLE = 100  # at least every side of the tiny CNN (76 inputs at most): no projection
+PROJECTED = 3  # below every side but the 2 outputs of fc: real projections
+
+
+def _scores(path: Path) -> torch.Tensor:
+    with safe_open(str(path), framework="pt") as handle:
+        return handle.get_tensor(naming.SCORES_KEY)
+
+
+def _shards(directory: Path) -> List[torch.Tensor]:
+    paths = sorted(directory.glob(f"{gradient_index.SHARD_STEM}*{gradient_index.SHARD_SUFFIX}"))
+    return [gradient_index.read_shard(path, *_shape(path)) for path in paths]
+
+
+def _shape(path: Path):
+    with safe_open(str(path), framework="pt") as handle:
+        return tuple(handle.get_slice(gradient_index.GRADIENTS_KEY).get_shape())
+
+
+def _common(dataset: Path, output_dir: Path, index_dim: int = WHOLE, *extra: str) -> List[str]:
+    return ["--dataset_dir", str(dataset), "--num_workers", "0", "--output_dir", str(output_dir), "--index_dim", str(index_dim), *extra]
+
+
+def _build(dataset: Path, output_dir: Path, index_dim: int = WHOLE, *extra: str) -> List[str]:
+    return ["build", *_common(dataset, output_dir, index_dim, "--weights", "none", *extra), "--dtype", "float32",
+            "--shard_size", str(TINY_SHARD_SIZE), "--train_batch_size", str(TINY_BATCH_SIZE)]
+
+
+def _query(dataset: Path, output_dir: Path, index_dim: int = WHOLE, *extra: str) -> List[str]:
+    return ["query", *_common(dataset, output_dir, index_dim, "--weights", "none", *extra), "--damping_factor", "heuristic"]
+
+
+def _run(argv: List[str], kill_at: str = "", count_file: str = "") -> subprocess.CompletedProcess:
+    # One thread: the same float summation order in every run, so resumed and uninterrupted shards are equal.
+    env = {**os.environ, "KILL_AT": kill_at, "COUNT_FILE": count_file, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(WORKER), *argv], env=env, capture_output=True, text=True, timeout=240)
+
+
+def _last_line(done: subprocess.CompletedProcess) -> str:
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    return done.stderr.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """2 classes x 4 training images and 2 x 2 validation images."""
+    return write_image_folder(tmp_path_factory.mktemp("data") / "imagenet", tiny_counts(train=4, val=2))
+
+
+@pytest.fixture(scope="module")
+def exact(dataset, tmp_path_factory):
+    """analyze.py's exact (full-rank) identity and EKFAC scores of the first 2 queries, with the tiny CNN;
+    the index is built in the same analysis folder, where the query finds the factors."""
+    output_dir = tmp_path_factory.mktemp("results")
+    scores = {}
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        for strategy in ("identity", "ekfac"):
+            analyze_in_process(monkeypatch, dataset, output_dir, "--factor_strategy", strategy, "--damping_factor", "heuristic")
+            scores[strategy] = _scores(naming.pairwise_scores_path(output_dir, "imagenet", strategy))
+    return output_dir, scores
+
+
+@pytest.fixture
+def tiny_model(monkeypatch):
+    monkeypatch.setattr(pipeline, "build_model", build_tiny_model)
+
+
+# ------------------------------------------------------------------------------ the mathematics
+
+
+def _per_example_gradients(model: torch.nn.Module, losses) -> List[torch.Tensor]:
+    """Each tracked layer's gradient (examples x outputs x inputs, a bias as the last input) of each loss,
+    by plain autograd."""
+    layers = [module for _, module in projection.tracked_named_layers(model)]
+    per_layer: List[List[torch.Tensor]] = [[] for _ in layers]
+    for loss in losses:
+        parameters = [p for layer in layers for p in ([layer.weight] + ([layer.bias] if layer.bias is not None else []))]
+        grads = iter(torch.autograd.grad(loss, parameters))
+        for position, layer in enumerate(layers):
+            gradient = next(grads).reshape(layer.weight.shape[0], -1)
+            if layer.bias is not None:
+                gradient = torch.cat([gradient, next(grads)[:, None]], dim=1)
+            per_layer[position].append(gradient)
+    return [torch.stack(gradients) for gradients in per_layer]
+
+
+def _train_losses(model, images, labels):
+    return [F.cross_entropy(model(images[i : i + 1]), labels[i : i + 1], reduction="sum") for i in range(len(labels))]
+
+
+def _margins(model, images, labels):
+    task = ClassificationTask(seed=0)
+    return [task.compute_measurement((images[i : i + 1], labels[i : i + 1], None), model) for i in range(len(labels))]
+
+
+@pytest.mark.parametrize("index_dim", [PROJECTED, WHOLE])
+@pytest.mark.parametrize("name, make_model, size", [
+    ("tiny CNN (strided convolutions with bias)", lambda: build_tiny_model(num_classes=3), 64),
+    ("small CNN (padding, a convolution without bias)", lambda: SmallCNN(3).eval(), 8),
+])
+def test_recorded_gradients_equal_projected_float64_autograd_gradients(name, make_model, size, index_dim):
+    model = make_model()
+    generator = torch.Generator().manual_seed(0)
+    images, labels = torch.randn(5, 3, size, size, generator=generator), torch.randint(0, 3, (5,), generator=generator)
+    plan = projection.layer_plan(model, index_dim)
+    projections = projection.Projections.draw(plan, seed=1)
+    assert all(p is None for p in projections.inputs + projections.outputs) == (index_dim == WHOLE)
+    reference_model = copy.deepcopy(model).double()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    with projection.CompressedGradientRecorder(model, projections) as recorder:
+        F.cross_entropy(model(images), labels, reduction="sum").backward()
+        recorded = recorder.take()
+    gradients = _per_example_gradients(reference_model, _train_losses(reference_model, images.double(), labels))
+    expected = projections.to("cpu", torch.float64).compress(gradients)
+    assert recorded.shape == (5, projections.dim)
+    torch.testing.assert_close(recorded.double(), expected, rtol=1e-4, atol=1e-6 * expected.abs().max().item())
+
+
+SEEDS = 400  # projections drawn: the mean's standard error is 5% of the per-draw standard deviation
+
+
+@pytest.mark.parametrize("index_dim", [PROJECTED, 8])
+def test_projected_scores_are_unbiased_with_the_predicted_variance(index_dim):
+    """Over SEEDS independent draws of the projections, the mean projected score is within 4 standard
+    errors of the exact <A, B> (a z-score that fails by chance with probability 6e-5), and the sample
+    variance is within 20% of `projected_score_variance`'s exact value (measured: within 3%; dropping its
+    cross term or a factor of two in it would move it by more). At index_dim 8 every output side is kept
+    whole, so the variance is the plain Johnson-Lindenstrauss one of the input side."""
+    model = build_tiny_model(num_classes=3).double()
+    generator = torch.Generator().manual_seed(0)
+    images, labels = torch.randn(2, 3, 64, 64, generator=generator, dtype=torch.float64), torch.tensor([0, 2])
+    query = _per_example_gradients(model, _margins(model, images[:1], labels[:1]))
+    train = _per_example_gradients(model, _train_losses(model, images[1:], labels[1:]))
+    exact = sum((q * t).sum() for q, t in zip(query, train)).item()
+    plan = projection.layer_plan(model, index_dim)
+    variance = sum(projection.projected_score_variance(q[0], t[0], layer) for q, t, layer in zip(query, train, plan)).item()
+    samples = []
+    for seed in range(SEEDS):
+        projections = projection.Projections.draw(plan, seed).to("cpu", torch.float64)
+        samples.append((projections.compress(query) * projections.compress(train)).sum().item())
+    samples = torch.tensor(samples, dtype=torch.float64)
+    z = (samples.mean().item() - exact) / (variance / SEEDS) ** 0.5
+    assert abs(z) < 4, (samples.mean().item(), exact, z)
+    assert 0.8 < samples.var().item() / variance < 1.25, (samples.var().item(), variance)
+    assert variance > 0.01 * exact**2  # a real projection: the per-draw error is not negligible
+
+
+def test_float16_overflow_names_bfloat16():
+    with pytest.raises(UserError, match=r"from 6 on reach 7e\+04, beyond float16's range; rebuild with --dtype bfloat16"):
+        gradient_index._check_range(torch.tensor([[7e4, 1.0]]), torch.float16, 6)
+    gradient_index._check_range(torch.tensor([[7e4, 1.0]]), torch.bfloat16, 6)
+
+
+# ------------------------------------------------------------------------------ against analyze.py
+
+
+@pytest.mark.parametrize("strategy", ["identity", "ekfac"])
+def test_index_scores_equal_analyze_scores_without_projection(exact, dataset, tiny_model, strategy):
+    """index_dim above every layer side: the compressed gradients are the full gradients, stored in
+    float32 in 3 shards, and the query side's preconditioning is kronfluence's own, so the scores are
+    analyze.py's within float32 summation order."""
+    output_dir, scores = exact
+    directory = gradient_index.main(_build(dataset, output_dir))
+    assert directory == gradient_index.index_dir(output_dir, "imagenet", WHOLE)
+    assert [_shape(path)[0] for path in sorted(directory.glob("shard_*.safetensors"))] == [3, 3, 2]
+    path = gradient_index.main([*_query(dataset, output_dir), "--factor_strategy", strategy, "--num_queries", "2"])
+    assert path == gradient_index.index_scores_dir(output_dir, "imagenet", strategy, WHOLE) / naming.PAIRWISE_SCORES_FILE
+    got = _scores(path)
+    assert got.dtype == torch.float32 and got.shape == scores[strategy].shape == (2, 8)
+    torch.testing.assert_close(got, scores[strategy], rtol=1e-4, atol=1e-5 * scores[strategy].abs().max().item())
+    record = json.loads((path.parent / naming.RUN_CONFIG_FILE).read_text())
+    assert record["resolved"]["queries"]["val_positions"] == [0, 1]
+
+
+def test_projected_index_scores_equal_an_explicit_float64_projection(exact, dataset, tiny_model):
+    """With real projections (index_dim 3) the command line's scores equal autograd's float64 query and
+    training gradients projected explicitly with the same seed's matrices (identity strategy: no factors)."""
+    output_dir, _ = exact
+    seeded = ("--seed", "3", "--analysis_name", "seeded")  # no factors there: identity needs none
+    gradient_index.main(_build(dataset, output_dir, PROJECTED, *seeded))
+    path = gradient_index.main([*_query(dataset, output_dir, PROJECTED, *seeded), "--factor_strategy", "identity", "--num_queries", "2"])
+    model = build_tiny_model(seed=3).double()
+    train = pipeline.get_imagenet_dataset("train", dataset)
+    val = pipeline.get_imagenet_dataset("val", dataset)
+    train_images = torch.stack([train[i][0] for i in range(len(train))]).double()
+    train_labels = torch.tensor([train[i][1] for i in range(len(train))])
+    query_images = torch.stack([val[i][0] for i in range(2)]).double()
+    query_labels = torch.tensor([val[i][1] for i in range(2)])
+    projections = projection.Projections.draw(projection.layer_plan(model, PROJECTED), seed=3).to("cpu", torch.float64)
+    query = projections.compress(_per_example_gradients(model, _margins(model, query_images, query_labels)))
+    training = projections.compress(_per_example_gradients(model, _train_losses(model, train_images, train_labels)))
+    expected = query @ training.T
+    torch.testing.assert_close(_scores(path).double(), expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+
+
+def test_query_dir_scores_equal_analyze_query_dir_scores(exact, dataset, tiny_model, monkeypatch, tmp_path):
+    """An unlabeled folder of the user's own images: each label is the model's prediction, as analyze.py
+    takes it, and the scores are analyze.py's."""
+    output_dir, _ = exact
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    val_dir = dataset / "val"
+    for number, image in enumerate(sorted(val_dir.glob("*/*.JPEG"))[:3]):
+        (photos / f"photo{number}.jpg").write_bytes(image.read_bytes())
+    analyze_in_process(monkeypatch, dataset, output_dir, "--query_dir", str(photos), "--analysis_name", "imagenet", "--overwrite")
+    expected = _scores(naming.pairwise_scores_path(output_dir, "imagenet", "identity"))
+    gradient_index.main(_build(dataset, output_dir))
+    path = gradient_index.main([*_query(dataset, output_dir), "--factor_strategy", "identity", "--query_dir", str(photos),
+                                "--scores_dir", str(tmp_path / "answers" / "scores_photos")])
+    torch.testing.assert_close(_scores(path), expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+    record = json.loads((path.parent / naming.RUN_CONFIG_FILE).read_text())
+    assert record["resolved"]["queries"]["label_source"] == "predicted"
+    assert record["depends_on"]["query_labels"] == "predicted"
+
+
+# ------------------------------------------------------------------------------ resuming, refusing
+
+
+def test_killed_build_resumes_to_the_same_shards_without_redoing_finished_ones(dataset, tmp_path):
+    uninterrupted = _run(_build(dataset, tmp_path / "uninterrupted", PROJECTED))
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+    output_dir = tmp_path / "killed"
+    killed = _run(_build(dataset, output_dir, PROJECTED), kill_at="3")  # the first batch of shard 1
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    directory = gradient_index.index_dir(output_dir, "imagenet", PROJECTED)
+    assert sorted(path.name for path in directory.glob("shard_*")) == ["shard_00000.safetensors"]
+    first = (directory / "shard_00000.safetensors").stat()
+    (directory / ".shard_00001.safetensors.99999.tmp").write_bytes(b"cut short")  # a write a kill interrupted
+    counted = tmp_path / "count"
+    resumed = _run(_build(dataset, output_dir, PROJECTED), count_file=str(counted))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "reusing 1 finished" in resumed.stderr
+    assert int(counted.read_text()) == 3  # shards 1 and 2 only: batches [3, 4], [5], [6, 7]
+    again = (directory / "shard_00000.safetensors").stat()
+    assert (again.st_ino, again.st_mtime_ns) == (first.st_ino, first.st_mtime_ns)
+    assert not list(directory.glob(".*.tmp"))
+    expected = _shards(gradient_index.index_dir(tmp_path / "uninterrupted", "imagenet", PROJECTED))
+    got = _shards(directory)
+    assert len(got) == len(expected) == 3 and all(torch.equal(a, b) for a, b in zip(got, expected))
+    # A finished index is reused as it is.
+    _run(_build(dataset, output_dir, PROJECTED), count_file=str(counted))
+    assert int(counted.read_text()) == 0
+
+
+def test_stale_or_missing_index_and_factors_are_refused_in_one_line(dataset, tmp_path):
+    first, second = tmp_path / "first.pt", tmp_path / "second.pt"
+    first.write_bytes(b"model one")  # the tiny model ignores the file; its sha256 is the model's identity
+    second.write_bytes(b"model two")
+    out = tmp_path / "results"
+
+    def common(checkpoint: Path, index_dim: int = PROJECTED) -> List[str]:
+        return _common(dataset, out, index_dim, "--checkpoint", str(checkpoint))
+
+    built = _run(["build", *common(first), "--shard_size", "3"])
+    assert built.returncode == 0, built.stderr[-3000:]
+    directory = gradient_index.index_dir(out, "imagenet", PROJECTED)
+    cases = [
+        (["build", *common(second), "--shard_size", "3"],
+         rf"gradient index in {re.escape(str(directory))} were computed with other settings \(model 'checkpoint sha256:\w+' -> 'checkpoint sha256:\w+'\); pass --overwrite"),
+        (["build", *common(first), "--shard_size", "4"], r"other settings \(shard_size 3 -> 4\)"),
+        (["query", *common(second), "--factor_strategy", "identity", "--num_queries", "1"],
+         rf"the gradient index in {re.escape(str(directory))} was built with other settings \(model 'checkpoint sha256:\w+' -> 'checkpoint sha256:\w+'\); rebuild it with `gradient_index.py build`"),
+        (["query", *common(first), "--factor_strategy", "identity", "--num_queries", "1", "--seed", "1"], r"was built with other settings \(seed 0 -> 1\)"),
+        (["query", *common(first, 8), "--factor_strategy", "identity", "--num_queries", "1"],
+         rf"no gradient index at {re.escape(str(gradient_index.index_dir(out, 'imagenet', 8)))}: build it first with `gradient_index.py build` with the same --dataset_dir, model, --index_dim 8"),
+        (["query", *common(first), "--factor_strategy", "ekfac", "--num_queries", "1"],
+         rf"no ekfac factors in {re.escape(str(naming.factors_dir(out, 'imagenet', 'ekfac')))}: run `analyze.py --factor_strategy ekfac`"),
+    ]
+    for argv, message in cases:
+        done = _run(argv)
+        assert done.returncode == 2, done.stderr[-3000:]
+        line = _last_line(done)
+        assert line.startswith("gradient_index.py: error: ") and re.search(message, line), line
+    # An unfinished index is named as such; --overwrite replaces a stale one.
+    (directory / "shard_00001.safetensors").unlink()
+    done = _run(["query", *common(first), "--factor_strategy", "identity", "--num_queries", "1"])
+    assert done.returncode == 2 and "is unfinished (2 of 3 shards); run the same `gradient_index.py build` command again" in _last_line(done)
+    replaced = _run(["build", *common(second), "--shard_size", "3", "--overwrite"])
+    assert replaced.returncode == 0, replaced.stderr[-3000:]
+    answered = _run(["query", *common(second), "--factor_strategy", "identity", "--num_queries", "1"])
+    assert answered.returncode == 0, answered.stderr[-3000:]
+
+
+def test_small_disk_is_refused_before_any_shard(dataset, tiny_model, monkeypatch, tmp_path, capsys):
+    usage = gradient_index.shutil.disk_usage
+    monkeypatch.setattr(gradient_index.shutil, "disk_usage", lambda path: usage(path)._replace(free=1000))  # 1.0 kB
+    with pytest.raises(SystemExit) as caught:
+        gradient_index.main(_build(dataset, tmp_path))
+    assert caught.value.code == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.fullmatch(r"gradient_index\.py: error: not enough disk space under .*gradient_index_dim100: the index needs 18\.4 kB, 1\.0 kB is free; .*", line), line
+    assert not list(gradient_index.index_dir(tmp_path, "imagenet", WHOLE).glob("shard_*"))
+
+
+# ------------------------------------------------------------------------------ as a user runs it
+
+
+def test_command_line_of_resnet50_ends_in_a_file_top_influences_reads(tiny_imagenet, resnet50_checkpoint, tmp_path):
+    """The real scripts in subprocesses, on a random-init ResNet-50 at 32 pixels: build, query an
+    unlabeled folder of photos, then top_influences.py on the score folder, which names the photos and
+    the most helpful training image of each by the index's scores."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for number, image in enumerate(sorted((tiny_imagenet / "val").glob("*/*.JPEG"))[:2]):
+        (photos / f"photo{number}.jpg").write_bytes(image.read_bytes())
+    common = ["--dataset_dir", str(tiny_imagenet), "--checkpoint", str(resnet50_checkpoint), "--resize_size", "32",
+              "--crop_size", "32", "--num_workers", "0", "--output_dir", str(tmp_path / "results"), "--index_dim", "8"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for argv in (["build", *common, "--train_batch_size", "4"], ["query", *common, "--factor_strategy", "identity", "--query_dir", str(photos)]):
+        done = subprocess.run([sys.executable, str(REPO_ROOT / "gradient_index.py"), *argv], env=env, capture_output=True, text=True, timeout=240)
+        assert done.returncode == 0, done.stderr[-3000:]
+    scores_dir = gradient_index.index_scores_dir(tmp_path / "results", "imagenet", "identity", 8)
+    scores = _scores(scores_dir / naming.PAIRWISE_SCORES_FILE)
+    assert scores.shape == (2, 6) and torch.isfinite(scores).all()
+    shown = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "top_influences.py"), "--scores", str(scores_dir), "--dataset_dir", str(tiny_imagenet),
+         "--top_k", "3", "--figure_dir", str(tmp_path / "figure")],
+        env=env, capture_output=True, text=True, timeout=240,
+    )
+    assert shown.returncode == 0, shown.stderr[-3000:]
+    summary = json.loads((scores_dir / "top_influences.json").read_text())
+    assert [Path(entry["query_path"]).name for entry in summary["queries"]] == ["photo0.jpg", "photo1.jpg"]
+    for row, entry in zip(scores, summary["queries"]):
+        assert entry["label_source"] == "predicted"
+        assert entry["helpful"][0]["train_index"] == int(row.argmax())
+    assert len(list((tmp_path / "figure").glob("top_influences_imagenet_index_identity_dim8_query*.png"))) == 2
+
+
+# ------------------------------------------------------------------------------ the worker
+
+
+def _worker() -> None:
+    """gradient_index.py's main with the tiny CNN (see the module docstring)."""
+    pipeline.build_model = build_tiny_model
+    calls = {"n": 0}
+    kill_at = int(os.environ.get("KILL_AT") or 0)
+    count_file = os.environ.get("COUNT_FILE")
+    loss = ClassificationTask.compute_train_loss
+
+    def counted(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return loss(self, *args, **kwargs)
+
+    ClassificationTask.compute_train_loss = counted
+    try:
+        gradient_index.main(sys.argv[1:])
+    finally:
+        if count_file:
+            Path(count_file).write_text(str(calls["n"]))
+
+
+if __name__ == "__main__":
+    _worker()
