@@ -1,12 +1,18 @@
 """A new question in seconds: `build` makes one pass over the training set and stores every training
-image's gradient, compressed per layer to --index_dim x --index_dim (LoGra-style Gaussian projections of
-each layer's inputs and output gradients, projection.py), in resumable safetensors shards; `query`
-computes only the queries' measurement gradients, preconditions them exactly with the factors analyze.py
-fitted (EKFAC, KFAC, diagonal or identity, through kronfluence itself), projects them the same way and
-scores them against every shard, writing the pairwise score file top_influences.py and the explorer read.
-All preconditioning is on the query side, so one index serves every strategy and damping; the score is an
-unbiased estimate of analyze.py's full-rank score (docs/gradient_index.md says how close it is).
+image's gradient, compressed per layer to --index_dim x --index_dim (LoGra-style projections of each
+layer's inputs and output gradients, projection.py), in resumable safetensors shards; `query` computes only
+the queries' measurement gradients, preconditions them exactly with the factors analyze.py fitted (EKFAC,
+KFAC, diagonal or identity, through kronfluence itself), projects them the same way and scores them
+against every shard, writing the pairwise score file top_influences.py and the explorer read.
 
+The projections are, by default, the top eigenvectors of analyze.py's fitted EKFAC factors (--basis ekfac;
+kfac likewise): the basis in which EKFAC preconditions, so the index's EKFAC score is the exact score
+restricted to each layer's leading eigen-directions, deterministic, and measured far closer to the exact
+scores than Gaussian projections of the same size (--basis gaussian: no factors needed, unbiased, noisy).
+Why these and not EKFAC refitted in the projected space: the query side stays kronfluence's own exact
+preconditioning, so one index serves every --factor_strategy and damping (docs/gradient_index.md).
+
+    python analyze.py --dataset_dir PATH_TO_IMAGENET --factor_strategy ekfac      # the factors, once
     python gradient_index.py build --dataset_dir PATH_TO_IMAGENET --index_dim 32
     python gradient_index.py query --dataset_dir PATH_TO_IMAGENET --index_dim 32 --query_dir my_photos/
 """
@@ -25,7 +31,13 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from kronfluence.arguments import FactorArguments
-from kronfluence.utils.constants import SCORE_SAVE_PREFIX
+from kronfluence.utils.constants import (
+    ACTIVATION_EIGENVALUES_NAME,
+    ACTIVATION_EIGENVECTORS_NAME,
+    GRADIENT_EIGENVALUES_NAME,
+    GRADIENT_EIGENVECTORS_NAME,
+    SCORE_SAVE_PREFIX,
+)
 from kronfluence.utils.exceptions import FactorsNotFoundError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -46,12 +58,20 @@ from cli import UserError, non_negative_int, positive_int, setup_logging, user_e
 from records import claim_results_dir, dataset_provenance, model_source, precision_record, write_failure
 from scoring import score_arguments
 from settings import DEFAULT_TF32, DEMO_DEFAULTS, SEED_DEFAULTS, STRATEGIES, TF32_CHOICES, AnalysisSettings, set_tf32
+from normalization import COSINE, normalize
 from task import ClassificationTask, make_analyzer
 
 logger = logging.getLogger("gradient_index")
 
 PROG = "gradient_index.py"
-INDEX_PREFIX = "gradient_index_dim"
+INDEX_PREFIX = "gradient_index_"
+# What the index projects onto: the top eigenvectors of analyze.py's fitted EKFAC or KFAC factors (the
+# default: measured far closer to the exact scores, docs/gradient_index.md), or Gaussian matrices that
+# need no factors (an unbiased estimate, but a noisy one).
+EIGEN_BASES = ("ekfac", "kfac")
+GAUSSIAN = "gaussian"
+BASES = (*EIGEN_BASES, GAUSSIAN)
+DEFAULT_BASIS = "ekfac"
 INDEX_SCORES_PREFIX = "index_"
 SHARD_STEM = "shard_"
 SHARD_SUFFIX = ".safetensors"
@@ -74,13 +94,13 @@ DIM_METADATA_KEY = "gradient_index_dim"
 # ----------------------------------------------------------------------------------------------- names
 
 
-def index_name(index_dim: int) -> str:
-    """`gradient_index_dim32`: one index per --index_dim in an analysis folder."""
-    return f"{INDEX_PREFIX}{index_dim}"
+def index_name(basis: str, index_dim: int) -> str:
+    """`gradient_index_ekfac_dim32`: one index per --basis and --index_dim in an analysis folder."""
+    return f"{INDEX_PREFIX}{basis}_dim{index_dim}"
 
 
-def index_dir(output_dir: str | Path, analysis_name: str, index_dim: int) -> Path:
-    return naming.analysis_dir(output_dir, analysis_name) / index_name(index_dim)
+def index_dir(output_dir: str | Path, analysis_name: str, basis: str, index_dim: int) -> Path:
+    return naming.analysis_dir(output_dir, analysis_name) / index_name(basis, index_dim)
 
 
 def shard_path(directory: Path, position: int) -> Path:
@@ -88,13 +108,16 @@ def shard_path(directory: Path, position: int) -> Path:
     return Path(directory) / f"{SHARD_STEM}{position:05d}{SHARD_SUFFIX}"
 
 
-def index_scores_name(strategy: str, index_dim: int) -> str:
-    """`index_ekfac_dim32`: scores from the index, beside analyze.py's `ekfac` (never mistaken for them)."""
-    return f"{INDEX_SCORES_PREFIX}{strategy}_dim{index_dim}"
+def index_scores_name(basis: str, index_dim: int, strategy: str, normalization: str = naming.NO_NORMALIZATION) -> str:
+    """`index_ekfac_dim32`: EKFAC scores from the EKFAC-basis index, beside analyze.py's `ekfac` (never
+    mistaken for them); a strategy other than the basis is appended (`index_gaussian_dim32_ekfac`), then
+    a normalisation as analyze.py appends it (`index_ekfac_dim32_relative`)."""
+    name = f"{INDEX_SCORES_PREFIX}{basis}_dim{index_dim}" + ("" if strategy == basis else f"_{strategy}")
+    return name if normalization == naming.NO_NORMALIZATION else f"{name}_{normalization}"
 
 
-def index_scores_dir(output_dir: str | Path, analysis_name: str, strategy: str, index_dim: int) -> Path:
-    return naming.scores_dir(output_dir, analysis_name, index_scores_name(strategy, index_dim))
+def index_scores_dir(output_dir: str | Path, analysis_name: str, basis: str, index_dim: int, strategy: str, normalization: str = naming.NO_NORMALIZATION) -> Path:
+    return naming.scores_dir(output_dir, analysis_name, index_scores_name(basis, index_dim, strategy, normalization))
 
 
 def shard_ranges(num_train: int, shard_size: int) -> List[Tuple[int, int]]:
@@ -110,6 +133,7 @@ class IndexSettings:
     """What `build` is asked to do (recorded in the index's run_config.json)."""
 
     index_dim: int = DEFAULT_INDEX_DIM
+    basis: str = DEFAULT_BASIS
     dtype: str = DEFAULT_DTYPE
     shard_size: int = DEFAULT_SHARD_SIZE
     seed: int = 0
@@ -130,7 +154,8 @@ def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resize_size", type=positive_int, help=f"With --checkpoint or --weights none: the shorter side resized to this many pixels (default: {pipeline.RESIZE_SIZE}).")
     parser.add_argument("--crop_size", type=positive_int, help=f"With --checkpoint or --weights none: the centre crop the model sees (default: {pipeline.CROP_SIZE}).")
     parser.add_argument("--index_dim", type=positive_int, default=DEFAULT_INDEX_DIM, help=f"Each layer's gradient is compressed to index_dim x index_dim (a side of at most index_dim is kept whole); bytes per image = sum over layers of that x the --dtype size (ResNet-50 at 32 in float16: 110.6 kB) (default: {DEFAULT_INDEX_DIM}).")
-    parser.add_argument("--seed", type=non_negative_int, default=0, help="Seed of the projections, and of the random init with --weights none; the query must use the index's (default: 0).")
+    parser.add_argument("--basis", choices=BASES, default=DEFAULT_BASIS, help=f"What each layer is projected onto: the top --index_dim eigenvectors of analyze.py's fitted ekfac or kfac factors (fit them first; the index then holds the exact score's leading eigen-directions), or gaussian random matrices that need no factors (unbiased but much noisier at the same size) (default: {DEFAULT_BASIS}).")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="Seed of the gaussian projections, and of the random init with --weights none; the query must use the index's (default: 0).")
     parser.add_argument("--output_dir", type=Path, default=Path(naming.DEFAULT_OUTPUT_DIR), help=f"Where results go (default: {naming.DEFAULT_OUTPUT_DIR}).")
     parser.add_argument("--analysis_name", help=f"Sub-folder of --output_dir, analyze.py's for this model and data (default: {naming.DEFAULT_ANALYSIS_NAME}; demo: {naming.DEMO_ANALYSIS_NAME}).")
     parser.add_argument("--num_workers", type=non_negative_int, help=f"DataLoader worker processes (default: the CPUs this process may use, at most {hardware.MAX_DEFAULT_WORKERS}; demo 0).")
@@ -149,14 +174,15 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--shard_size", type=positive_int, default=DEFAULT_SHARD_SIZE, help=f"Training images per shard; each is written when finished, so a killed build loses at most one (default: {DEFAULT_SHARD_SIZE:,}).")
     query = commands.add_parser("query", help="Score queries against a finished index, preconditioned with analyze.py's factors.")
     _add_common_arguments(query)
-    query.add_argument("--factor_strategy", choices=STRATEGIES, default="ekfac", help="Which of analyze.py's factors precondition the queries (default: ekfac); they must be fitted already, except identity's.")
+    query.add_argument("--factor_strategy", choices=STRATEGIES, help="Which of analyze.py's factors precondition the queries; they must be fitted already, except identity's (default: the --basis, ekfac with --basis gaussian).")
     query.add_argument("--damping_factor", type=damping_argument, default=argparse.SUPPRESS, help="Damping, as analyze.py's: a number, or 'heuristic' for 0.1 x mean eigenvalue (default: 1e-8; demo: heuristic). Use the value the exact scores used to compare with them.")
+    query.add_argument("--score_normalization", choices=naming.NORMALIZATIONS, default=naming.NO_NORMALIZATION, help="As analyze.py's: relative divides each training image's score by the square root of its self-influence, cosine also each query's by its own; both computed from the index itself (restricted to its eigen-directions, no extra pass), so they need an ekfac or kfac --basis queried with the same --factor_strategy (default: none).")
     query.add_argument("--num_queries", type=positive_int, help="Score N validation images chosen by --query_selection (default: 1000; demo: all).")
     query.add_argument("--query_selection", choices=queries.SELECTIONS, default="first", help="Which validation images are the queries: first (default), per_class or random (by --seed), as analyze.py.")
     query.add_argument("--query_files", type=Path, help="A text file naming the query images, one per line (validation image paths or indices), as analyze.py.")
     query.add_argument("--query_dir", type=Path, help="Any folder of images as queries: class subfolders (wnid or class index) give the labels, else the model's prediction, as analyze.py.")
     query.add_argument("--query_batch_size", type=positive_int, help=f"Queries whose full preconditioned gradients are held at once (about 100 MB each for ResNet-50) (default: {DEFAULT_QUERY_BATCH_SIZE['seed']}; demo {DEFAULT_QUERY_BATCH_SIZE['demo']}).")
-    query.add_argument("--scores_dir", type=Path, help=f"The score folder to write (default: OUTPUT_DIR/ANALYSIS_NAME/{SCORE_SAVE_PREFIX}{INDEX_SCORES_PREFIX}STRATEGY_dimINDEX_DIM); one per question keeps earlier answers.")
+    query.add_argument("--scores_dir", type=Path, help=f"The score folder to write (default: OUTPUT_DIR/ANALYSIS_NAME/{SCORE_SAVE_PREFIX}{INDEX_SCORES_PREFIX}BASIS_dimINDEX_DIM, with _STRATEGY appended when --factor_strategy is not the basis); one per question keeps earlier answers.")
     return parser
 
 
@@ -181,6 +207,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         if args.train_batch_size is None:
             args.train_batch_size = defaults["train_batch_size"]
         return args
+    if args.factor_strategy is None:
+        args.factor_strategy = args.basis if args.basis in EIGEN_BASES else "ekfac"
+    if args.score_normalization != naming.NO_NORMALIZATION and (args.basis not in EIGEN_BASES or args.factor_strategy != args.basis):
+        parser.error(
+            f"--score_normalization {args.score_normalization} takes the self-influence from the index, which needs an "
+            f"eigenvector basis queried with its own strategy (--basis ekfac --factor_strategy ekfac, or kfac); "
+            f"got --basis {args.basis} --factor_strategy {args.factor_strategy}"
+        )
     if args.query_files is not None and args.query_dir is not None:
         parser.error("--query_files and --query_dir exclude each other")
     if (args.query_files is not None or args.query_dir is not None) and args.query_selection != "first":
@@ -263,9 +297,30 @@ def query_provenance(args: argparse.Namespace, inputs: Inputs, query_dataset: da
     return provenance
 
 
-def index_depends_on(train_provenance: Dict[str, Any], index_dim: int, seed: int) -> Dict[str, Any]:
+def index_projections(args: argparse.Namespace, plan: Sequence[projection.LayerProjection], train_provenance: Dict[str, Any]) -> Tuple[projection.Projections, Dict[str, Any]]:
+    """The index's projections for --basis, and what they depend on: the seed for gaussian ones, the
+    fitted factors' record id for an eigenvector basis (refitted factors make a stale index)."""
+    if args.basis == GAUSSIAN:
+        return projection.Projections.draw(plan, args.seed), {"projection": projection.PROJECTION_SCHEME}
+    hint = f"--basis {args.basis} projects onto their eigenvectors: run `analyze.py --factor_strategy {args.basis}` with the same --dataset_dir, model and --output_dir/--analysis_name first, or pass --basis gaussian"
+    record, directory = factor_record(args, args.basis, train_provenance, hint)
+    if record is None:
+        raise UserError(f"no {args.basis} factors in {directory}: {hint}")
+    names = (ACTIVATION_EIGENVECTORS_NAME, ACTIVATION_EIGENVALUES_NAME, GRADIENT_EIGENVECTORS_NAME, GRADIENT_EIGENVALUES_NAME)
+    paths = [directory / f"{name}.safetensors" for name in names]
+    if not all(path.is_file() for path in paths):
+        raise UserError(f"the {args.basis} factors in {directory} have no eigendecomposition yet (unfinished): run the same `analyze.py --factor_strategy {args.basis}` command again")
+    try:
+        handles = [safe_open(str(path), framework="pt") for path in paths]
+        projections = projection.Projections.eigen(plan, lambda name: tuple(handle.get_tensor(name) for handle in handles))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise UserError(f"the {args.basis} factors in {directory} cannot be read as this model's ({error}); refit them with `analyze.py --factor_strategy {args.basis} --overwrite`") from None
+    return projections, {"projection": projection.EIGEN_SCHEME, "basis_factors_id": record["id"]}
+
+
+def index_depends_on(train_provenance: Dict[str, Any], args: argparse.Namespace, projected: Dict[str, Any]) -> Dict[str, Any]:
     """What every index depends on, and what a query checks before it trusts one."""
-    return {**train_provenance, "index_dim": index_dim, "seed": seed, "projection": projection.PROJECTION_SCHEME}
+    return {**train_provenance, "index_dim": args.index_dim, "basis": args.basis, "seed": args.seed, **projected}
 
 
 def _prepare_device(args: argparse.Namespace) -> str:
@@ -349,7 +404,7 @@ def run_build(args: argparse.Namespace) -> Path:
     device = _prepare_device(args)
     inputs = load_inputs(args, with_val=False)
     settings = IndexSettings(
-        index_dim=args.index_dim, dtype=args.dtype, shard_size=args.shard_size, seed=args.seed,
+        index_dim=args.index_dim, basis=args.basis, dtype=args.dtype, shard_size=args.shard_size, seed=args.seed,
         train_batch_size=args.train_batch_size, num_workers=args.num_workers, device=device, tf32=args.tf32,
         output_dir=str(args.output_dir), analysis_name=args.analysis_name, overwrite=args.overwrite,
     )
@@ -360,15 +415,16 @@ def run_build(args: argparse.Namespace) -> Path:
     num_train = len(inputs.train)
     ranges = shard_ranges(num_train, settings.shard_size)
     provenance = dataset_provenance(inputs.train, data.Subset(inputs.train, []), inputs.source)["train"]
+    projections, projected = index_projections(args, plan, provenance)
     depends_on = {
-        **index_depends_on(provenance, settings.index_dim, settings.seed),
+        **index_depends_on(provenance, args, projected),
         "dtype": settings.dtype, "shard_size": settings.shard_size, **precision_record(device),
     }
     resolved = {
         "layers": [dataclasses.asdict(layer) for layer in plan], "dim": dim, "bytes_per_image": per_image,
         "num_shards": len(ranges), **input_record(args, inputs),
     }
-    directory = index_dir(settings.output_dir, settings.analysis_name, settings.index_dim)
+    directory = index_dir(settings.output_dir, settings.analysis_name, settings.basis, settings.index_dim)
     logger.info(hardware.describe_device(device, args.device))
     hardware.warn_if_slow_on_cpu(device, num_train, args.demo)
     claim_results_dir(directory, depends_on, settings, "gradient index", resolved)
@@ -386,7 +442,7 @@ def run_build(args: argparse.Namespace) -> Path:
         model = inputs.model.to(device).eval()
         for parameter in model.parameters():  # only activation gradients are needed: no weight gradients computed
             parameter.requires_grad_(False)
-        projections = projection.Projections.draw(plan, settings.seed).to(device)
+        projections = projections.to(device)
         task = ClassificationTask(settings.seed)
         started = time.perf_counter()
         with projection.CompressedGradientRecorder(model, projections) as recorder, tqdm(
@@ -409,17 +465,17 @@ def run_build(args: argparse.Namespace) -> Path:
             "compressed %d training images in %.1f s (%.1f images/s)", remaining, elapsed, remaining / elapsed,
             extra={"timings": {"build_s": elapsed, "built_images": remaining}},  # read by benchmarks/gradient_index_benchmark.py
         )
-    logger.info("gradient index `%s`: %s, %d x %d (%s)", index_name(settings.index_dim), directory, num_train, dim, preflight.size_text(num_train * per_image))
+    logger.info("gradient index `%s`: %s, %d x %d (%s)", index_name(settings.basis, settings.index_dim), directory, num_train, dim, preflight.size_text(num_train * per_image))
     return directory
 
 
 # ----------------------------------------------------------------------------------------------- query
 
 
-def open_index(directory: Path, expected: Dict[str, Any], index_dim: int) -> Tuple[Dict[str, Any], List[Tuple[int, int]]]:
+def open_index(directory: Path, expected: Dict[str, Any], args: argparse.Namespace) -> Tuple[Dict[str, Any], List[Tuple[int, int]]]:
     """The record of a finished index built for exactly `expected`, and its shard ranges; one line if
     there is none, it is stale or unfinished."""
-    build_hint = f"`{PROG} build` with the same --dataset_dir, model, --index_dim {index_dim} and --seed"
+    build_hint = f"`{PROG} build` with the same --dataset_dir, model, --basis {args.basis}, --index_dim {args.index_dim} and --seed"
     record_path = directory / naming.RUN_CONFIG_FILE
     if not record_path.is_file():
         raise UserError(f"no gradient index at {directory}: build it first with {build_hint}")
@@ -445,17 +501,13 @@ def open_index(directory: Path, expected: Dict[str, Any], index_dim: int) -> Tup
     return record, ranges
 
 
-def load_factors(analyzer: Any, args: argparse.Namespace, train_provenance: Dict[str, Any]) -> Tuple[Optional[Dict[str, Any]], FactorArguments, Dict[str, Any]]:
-    """analyze.py's fitted factors of --factor_strategy (record, kronfluence's arguments, the factors),
-    checked to be of this model and these training images; identity needs none."""
-    name = naming.factors_name(args.factor_strategy, False)
-    directory = naming.factors_dir(args.output_dir, args.analysis_name, name)
+def factor_record(args: argparse.Namespace, strategy: str, train_provenance: Dict[str, Any], hint: str) -> Tuple[Optional[Dict[str, Any]], Path]:
+    """The run_config.json record of analyze.py's float32 factors of `strategy` (None if there are none)
+    and their folder, checked to be of this model, these training images and this seed."""
+    directory = naming.factors_dir(args.output_dir, args.analysis_name, naming.factors_name(strategy, False))
     record_path = directory / naming.RUN_CONFIG_FILE
-    hint = f"run `analyze.py --factor_strategy {args.factor_strategy}` with the same --dataset_dir, model and --output_dir/--analysis_name first"
     if not record_path.is_file():
-        if args.factor_strategy == "identity":
-            return None, FactorArguments(strategy="identity"), {}
-        raise UserError(f"no {args.factor_strategy} factors in {directory}: {hint}")
+        return None, directory
     try:
         record = json.loads(record_path.read_text())
     except ValueError:
@@ -466,6 +518,19 @@ def load_factors(analyzer: Any, args: argparse.Namespace, train_provenance: Dict
     changed = [key for key, value in {**train_provenance, "seed": args.seed}.items() if saved.get(key) != value]
     if changed:
         raise UserError(f"the factors in {directory} were fitted with another model, other images or another seed ({', '.join(changed)} differ): {hint}")
+    return record, directory
+
+
+def load_factors(analyzer: Any, args: argparse.Namespace, train_provenance: Dict[str, Any]) -> Tuple[Optional[Dict[str, Any]], FactorArguments, Dict[str, Any]]:
+    """analyze.py's fitted factors of --factor_strategy (record, kronfluence's arguments, the factors),
+    checked to be of this model and these training images; identity needs none."""
+    name = naming.factors_name(args.factor_strategy, False)
+    hint = f"run `analyze.py --factor_strategy {args.factor_strategy}` with the same --dataset_dir, model and --output_dir/--analysis_name first"
+    record, directory = factor_record(args, args.factor_strategy, train_provenance, hint)
+    if record is None:
+        if args.factor_strategy == "identity":
+            return None, FactorArguments(strategy="identity"), {}
+        raise UserError(f"no {args.factor_strategy} factors in {directory}: {hint}")
     try:
         factor_args = analyzer.load_factor_args(name)
         factors = analyzer.load_all_factors(name)
@@ -481,9 +546,12 @@ def run_query(args: argparse.Namespace) -> Path:
     classes = pipeline.base_image_folder(inputs.train).classes
     query_dataset, query_record = queries.query_dataset(args, inputs.val, classes, inputs.model, inputs.preprocessing)
     provenance = query_provenance(args, inputs, query_dataset, query_record)
-    directory = index_dir(args.output_dir, args.analysis_name, args.index_dim)
-    index_record, ranges = open_index(directory, index_depends_on(provenance["train"], args.index_dim, args.seed), args.index_dim)
+    directory = index_dir(args.output_dir, args.analysis_name, args.basis, args.index_dim)
     plan = projection.layer_plan(inputs.model, args.index_dim)
+    if not (directory / naming.RUN_CONFIG_FILE).is_file():
+        open_index(directory, {}, args)  # says how to build it, before any factors are asked for
+    projections, projected = index_projections(args, plan, provenance["train"])
+    index_record, ranges = open_index(directory, index_depends_on(provenance["train"], args, projected), args)
     if [dataclasses.asdict(layer) for layer in plan] != index_record["resolved"]["layers"]:
         raise UserError(f"the gradient index in {directory} has other layers than this model; rebuild it with `{PROG} build --overwrite`")
     settings = AnalysisSettings(
@@ -493,12 +561,13 @@ def run_query(args: argparse.Namespace) -> Path:
     )
     analyzer = make_analyzer(inputs.model, settings)  # wraps the model's layers for kronfluence, in place
     factors_record, factor_args, factors = load_factors(analyzer, args, provenance["train"])
-    scores_dir = args.scores_dir or index_scores_dir(args.output_dir, args.analysis_name, args.factor_strategy, args.index_dim)
+    normalization = args.score_normalization
+    scores_dir = args.scores_dir or index_scores_dir(args.output_dir, args.analysis_name, args.basis, args.index_dim, args.factor_strategy, normalization)
     depends_on = {
         "index_id": index_record["id"], "index_dim": args.index_dim,
         "factors_name": naming.factors_name(args.factor_strategy, False),
         "factors_id": factors_record["id"] if factors_record else None,
-        "damping_factor": args.damping_factor, **precision_record(device), **provenance["query"],
+        "damping_factor": args.damping_factor, "score_normalization": normalization, **precision_record(device), **provenance["query"],
     }
     resolved = {**provenance["inputs"], "queries": provenance["queries"], "index": str(directory.resolve())}
     num_queries, num_train = len(query_dataset), len(inputs.train)
@@ -510,24 +579,36 @@ def run_query(args: argparse.Namespace) -> Path:
         logger.info("reusing finished scores %s", path)
         return path
     _check_disk(scores_dir, num_queries * num_train * SCORE_BYTES, "the score file")
-    projections = projection.Projections.draw(plan, args.seed).to(analyzer.state.device)
+    projections = projections.to(analyzer.state.device)
     started = time.perf_counter()
     vectors = []
+    inverse_curvature: Dict[str, torch.Tensor] = {}
     batches = projection.preconditioned_query_gradients(
         analyzer, query_dataset, args.query_batch_size, factor_args, factors, score_arguments(settings),
         {"num_workers": args.num_workers, "pin_memory": device == "cuda"},
+        inverse_curvature if normalization != naming.NO_NORMALIZATION else None,
     )
     for gradients in tqdm(batches, total=-(-num_queries // args.query_batch_size), desc="query gradients", unit="batch"):
         vectors.append(projections.compress([gradients[layer.name].float() for layer in plan]))
     query_vectors = torch.cat(vectors)
     gradients_done = time.perf_counter()
+    weights = projections.block_weights(inverse_curvature).to(query_vectors.device) if inverse_curvature else None
     scores = torch.empty(num_queries, num_train, dtype=torch.float32)
+    train_self = torch.empty(num_train, dtype=torch.float32)
     for position, (start, stop) in enumerate(tqdm(ranges, desc="scoring shards", unit="shard")):
-        shard = read_shard(shard_path(directory, position), stop - start, query_vectors.shape[1])
-        scores[:, start:stop] = (query_vectors @ shard.to(query_vectors.device, torch.float32).t()).cpu()
+        shard = read_shard(shard_path(directory, position), stop - start, query_vectors.shape[1]).to(query_vectors.device, torch.float32)
+        scores[:, start:stop] = (query_vectors @ shard.t()).cpu()
+        if weights is not None:  # each training image's g' H^-1 g over the index's eigen-directions
+            train_self[start:stop] = (shard.square() @ weights).cpu()
+    metadata = {DIM_METADATA_KEY: str(args.index_dim), "factor_strategy": args.factor_strategy}
+    if weights is not None:
+        # The query's own g_q' H^-1 g_q there: its stored entries are its preconditioned ones, (lambda + d) times smaller.
+        query_self = (query_vectors.square() / weights).sum(dim=1).cpu() if normalization == COSINE else None
+        scores = normalize(scores, train_self, query_self)
+        metadata[naming.NORMALIZATION_METADATA_KEY] = normalization
     staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        save_file({naming.SCORES_KEY: scores}, str(staging), metadata={DIM_METADATA_KEY: str(args.index_dim), "factor_strategy": args.factor_strategy})
+        save_file({naming.SCORES_KEY: scores}, str(staging), metadata=metadata)
         os.replace(staging, path)
     finally:
         staging.unlink(missing_ok=True)

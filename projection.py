@@ -12,13 +12,21 @@ most --index_dim is kept whole (the identity instead of a projection). Since E[P
 and the two sides are independent, <P_out^T A P_in, P_out^T B P_in> is an unbiased estimate of <A, B>
 for any A, B; with A = H^-1 G_q, the query's measurement gradient preconditioned by kronfluence exactly as
 analyze.py does it, the sum over layers estimates analyze.py's score g_q' H^-1 g_t (its variance:
-`projected_score_variance`)."""
+`projected_score_variance`).
+
+The default basis is not random: P_in and P_out are the top in_dim and out_dim eigenvectors of the layer's
+fitted KFAC input and output-gradient covariances (LoGra's PCA initialisation), the very basis in which
+EKFAC and KFAC precondition. Then P_out^T (H^-1 G_q) P_in is exactly the top-left block of the query's
+preconditioned gradient in that basis (H^-1 is diagonal there), and the projected score is the exact
+score's sum restricted to the index_dim x index_dim eigen-directions of largest covariance: no variance,
+a bias of the directions left out. Measured on the trained digits it agrees with the exact EKFAC scores
+far better than the Gaussian basis at the same size (docs/gradient_index.md)."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -27,7 +35,7 @@ from kronfluence.arguments import FactorArguments, ScoreArguments
 from kronfluence.module.conv2d import extract_patches
 from kronfluence.module.tracked_module import ModuleMode, TrackedModule
 from kronfluence.module.utils import prepare_modules, set_factors, set_mode, update_factor_args, update_score_args
-from kronfluence.utils.constants import PRECONDITIONED_GRADIENT_NAME
+from kronfluence.utils.constants import LAMBDA_MATRIX_NAME, PRECONDITIONED_GRADIENT_NAME
 from torch import nn
 from torch.utils import data
 
@@ -36,6 +44,7 @@ from scoring import layer_shape
 # Bumped whenever the projections drawn for a (seed, layer) change, so that indexes built with other
 # projections are refused rather than scored against queries projected differently.
 PROJECTION_SCHEME = "gaussian-kronecker-v1"
+EIGEN_SCHEME = "eigen-kronecker-v1"  # the same for the eigenvector bases; what they depend on is the factors' id
 INPUT_SIDE, OUTPUT_SIDE = 0, 1
 
 
@@ -107,6 +116,15 @@ def side_projection(size: int, dim: int, seed: int, position: int, side: int) ->
     return torch.randn(size, dim, generator=generator, dtype=torch.float32) / math.sqrt(dim)
 
 
+def top_eigenvectors(vectors: torch.Tensor, values: torch.Tensor, dim: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The `dim` eigenvectors (columns) of largest eigenvalue, largest first, as a float32 size x dim
+    matrix, and their positions in kronfluence's order. A side kept whole (dim == size) is still rotated
+    into the eigenbasis: no inner product changes, and the stored gradients stay in the basis where
+    EKFAC's curvature is diagonal (what the index's self-influence needs)."""
+    order = torch.argsort(values.double(), descending=True, stable=True)[:dim]
+    return vectors[:, order].float().contiguous(), order
+
+
 @dataclasses.dataclass
 class Projections:
     """The index's layers and their projections (None for a side kept whole), for one seed."""
@@ -114,6 +132,10 @@ class Projections:
     plan: List[LayerProjection]
     inputs: List[Optional[torch.Tensor]]
     outputs: List[Optional[torch.Tensor]]
+    # For an eigenvector basis: each side's eigen-directions, as positions in kronfluence's eigenvalue
+    # order (where its lambda matrix has them); None for Gaussian projections.
+    input_orders: Optional[List[torch.Tensor]] = None
+    output_orders: Optional[List[torch.Tensor]] = None
 
     @classmethod
     def draw(cls, plan: Sequence[LayerProjection], seed: int) -> "Projections":
@@ -123,9 +145,36 @@ class Projections:
             [side_projection(layer.outputs, layer.out_dim, seed, position, OUTPUT_SIDE) for position, layer in enumerate(plan)],
         )
 
+    @classmethod
+    def eigen(cls, plan: Sequence[LayerProjection], read: Callable[[str], Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]) -> "Projections":
+        """The top eigenvectors of each layer's fitted KFAC covariances: `read(name)` returns the layer's
+        (input eigenvectors, input eigenvalues, output-gradient eigenvectors, output-gradient eigenvalues),
+        eigenvectors as columns, as kronfluence stores them."""
+        sides: List[List[Any]] = [[], [], [], []]
+        for layer in plan:
+            in_vectors, in_values, out_vectors, out_values = read(layer.name)
+            if tuple(in_vectors.shape) != (layer.inputs, layer.inputs) or tuple(out_vectors.shape) != (layer.outputs, layer.outputs):
+                raise ValueError(f"the factors' eigenvectors of {layer.name} are {tuple(out_vectors.shape)} and {tuple(in_vectors.shape)}, the layer {layer.outputs} x {layer.inputs}")
+            for side, found in zip(sides, (*top_eigenvectors(in_vectors, in_values, layer.in_dim), *top_eigenvectors(out_vectors, out_values, layer.out_dim))):
+                side.append(found)
+        return cls(list(plan), sides[0], sides[2], sides[1], sides[3])
+
+    def block_weights(self, inverse_curvature: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """For an eigenvector basis: kronfluence's 1 / (lambda + damping) of every stored entry (each
+        layer's `inverse_curvature`, outputs x inputs in its eigenvalue order), flattened like `compress`'s
+        output, so that sum(weights * b^2) is a training image's self-influence g' H^-1 g restricted to the
+        index's eigen-directions."""
+        if self.input_orders is None or self.output_orders is None:
+            raise ValueError("only an eigenvector basis has per-entry curvature")
+        parts = []
+        for layer, in_order, out_order in zip(self.plan, self.input_orders, self.output_orders):
+            weights = inverse_curvature[layer.name].reshape(layer.outputs, layer.inputs)
+            parts.append(weights[out_order.to(weights.device)][:, in_order.to(weights.device)].reshape(-1))
+        return torch.cat(parts).float()
+
     def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> "Projections":
         move = lambda matrix: None if matrix is None else matrix.to(device=device, dtype=dtype)  # noqa: E731
-        return Projections(self.plan, [move(m) for m in self.inputs], [move(m) for m in self.outputs])
+        return Projections(self.plan, [move(m) for m in self.inputs], [move(m) for m in self.outputs], self.input_orders, self.output_orders)
 
     @property
     def dim(self) -> int:
@@ -245,11 +294,14 @@ def preconditioned_query_gradients(
     loaded_factors: Dict[str, Dict[str, torch.Tensor]],
     score_args: ScoreArguments,
     dataloader_kwargs: Dict[str, Any],
+    inverse_curvature: Optional[Dict[str, torch.Tensor]] = None,
 ) -> Iterator[Dict[str, torch.Tensor]]:
     """Each query batch's measurement gradient preconditioned per layer by kronfluence itself, exactly as
     analyze.py's full-rank scores use it (kronfluence's PRECONDITION_GRADIENT mode: its loaded factors, its
     damping rule applied by `prepare_modules`, its `precondition_gradient`), yielded one batch at a time
-    as {layer name: batch x outputs x inputs}, so that only one batch of full gradients is held."""
+    as {layer name: batch x outputs x inputs}, so that only one batch of full gradients is held. For KFAC
+    and EKFAC, `inverse_curvature` (when given) is filled with each layer's 1 / (lambda + damping) in its
+    eigenbasis, as kronfluence prepared it (its damping rule, heuristic included)."""
     model, task, device = analyzer.model, analyzer.task, analyzer.state.device
     names = [module.name for module in model.modules() if isinstance(module, TrackedModule)]
     update_factor_args(model=model, factor_args=factor_args)
@@ -259,6 +311,9 @@ def preconditioned_query_gradients(
         set_factors(model=model, factor_name=factor_name, factors=factors, clone=True)
     prepare_modules(model=model, tracked_module_names=names, device=device)
     modules = [module for module in model.modules() if isinstance(module, TrackedModule)]
+    if inverse_curvature is not None:
+        for module in modules:
+            inverse_curvature[module.name] = module.storage[LAMBDA_MATRIX_NAME].clone()
     try:
         for images, labels, indices in data.DataLoader(dataset, batch_size=batch_size, shuffle=False, **dataloader_kwargs):
             batch = (images.to(device), labels.to(device), indices.to(device))

@@ -117,6 +117,11 @@ def _factor_examples(record: Dict[str, Any]) -> Optional[int]:
         return None
 
 
+def run_key(analysis: str, basis: str, strategy: str) -> str:
+    """One curve of the figure: `trained_digits: ekfac basis, ekfac scores`."""
+    return f"{analysis}: {basis} basis, {strategy} scores"
+
+
 def run_agreement(args: argparse.Namespace) -> Dict[str, Any]:
     exact_path = args.exact / naming.PAIRWISE_SCORES_FILE if args.exact.is_dir() else args.exact
     record_path = exact_path.parent / naming.RUN_CONFIG_FILE
@@ -125,21 +130,21 @@ def run_agreement(args: argparse.Namespace) -> Dict[str, Any]:
     record = json.loads(record_path.read_text())
     if record["depends_on"].get("query_gradient_rank") is not None:
         raise UserError(f"{exact_path} holds rank-{record['depends_on']['query_gradient_rank']} scores; compare with full-rank ones")
-    common = [*flags_from_record(record), "--index_dim", str(args.index_dim)]
+    common = [*flags_from_record(record), "--index_dim", str(args.index_dim), "--basis", args.basis]
     overwrite = ["--overwrite"] if args.overwrite else []
     strategy = record["settings"]["strategy"]
     results = json.loads(args.json.read_text()) if args.json.is_file() else {}
-    run = results.setdefault("runs", {}).setdefault(strategy, {})
+    run = results.setdefault("runs", {}).setdefault(run_key(record["settings"]["analysis_name"], args.basis, strategy), {})
     entry = run.setdefault("dims", {}).setdefault(str(args.index_dim), {})
     handler = _Timings()  # a reused index or score file logs no timings: the earlier ones are kept
     logging.getLogger("gradient_index").addHandler(handler)
-    directory = gradient_index.index_dir(record["settings"]["output_dir"], record["settings"]["analysis_name"], args.index_dim)
+    directory = gradient_index.index_dir(record["settings"]["output_dir"], record["settings"]["analysis_name"], args.basis, args.index_dim)
     gradient_index.main(["build", *common, *overwrite, "--dtype", args.dtype, "--train_batch_size", str(record["settings"]["train_batch_size"])])
     entry.update(handler.timings)
     handler.timings = {}
     with tempfile.TemporaryDirectory() as scratch:
         started = time.perf_counter()
-        scores_dir = (args.scores_root / f"scores_index_{strategy}_dim{args.index_dim}") if args.scores_root else None
+        scores_dir = (args.scores_root / gradient_index.index_scores_name(args.basis, args.index_dim, strategy)) if args.scores_root else None
         index_path = gradient_index.main([
             "query", *common, *overwrite, *query_flags(record, Path(scratch)), "--query_batch_size", str(args.query_batch_size),
             *(["--scores_dir", str(scores_dir)] if scores_dir else []),
@@ -153,7 +158,7 @@ def run_agreement(args: argparse.Namespace) -> Dict[str, Any]:
         "agreement": compare(exact_path, index_path), "index_scores": str(index_path),
     })
     run.update({
-        "exact": str(exact_path), "num_queries": record["depends_on"]["num_queries"], "num_train": record["depends_on"]["num_train"],
+        "analysis": record["settings"]["analysis_name"], "basis": args.basis, "strategy": strategy, "exact": str(exact_path), "num_queries": record["depends_on"]["num_queries"], "num_train": record["depends_on"]["num_train"],
         "damping_factor": record["depends_on"]["damping_factor"], "factor_examples": _factor_examples(record),
     })
     results["machine"] = hardware.describe_device(record["settings"]["device"])
@@ -163,7 +168,7 @@ def run_agreement(args: argparse.Namespace) -> Dict[str, Any]:
     print(
         f"index_dim {args.index_dim}: per-query Spearman mean {spearman['mean']:.4f} (minimum {spearman['minimum']:.4f}), "
         f"top-10 overlap mean {overlap['mean']:.3f}; {entry['bytes_per_image'] / 1e3:.1f} kB per image ({entry['dtype']}); "
-        f"build {entry.get('build_s', math.nan):.1f} s, query {entry.get('query_s', math.nan):.1f} s ({strategy})"
+        f"build {entry.get('build_s', math.nan):.1f} s, query {entry.get('query_s', math.nan):.1f} s ({strategy}, {args.basis} basis)"
     )
     return results
 
@@ -187,8 +192,8 @@ def run_figure(args: argparse.Namespace) -> Path:
             entries = [run["dims"][str(dim)] for dim in dims]
             means = [entry["agreement"][name]["mean"] for entry in entries]
             minima = [entry["agreement"][name]["minimum"] for entry in entries]
-            line, = axis.plot(dims, means, "o-", label=f"{strategy.upper()}: mean over {run['num_queries']} queries")
-            axis.plot(dims, minima, "v:", color=line.get_color(), label=f"{strategy.upper()}: worst query")
+            line, = axis.plot(dims, means, "o-", label=f"{strategy}: mean over {run['num_queries']} queries")
+            axis.plot(dims, minima, "v:", color=line.get_color(), label=f"{strategy}: worst query")
             for dim, entry in zip(dims, entries):
                 axis.scatter([dim * (1 + 0.04 * offset)] * len(entry["agreement"][name]["per_query"]), entry["agreement"][name]["per_query"],
                              s=6, alpha=0.35, color=line.get_color())
@@ -200,9 +205,8 @@ def run_figure(args: argparse.Namespace) -> Path:
         axis.set_ylim(-0.3, 1.02)
         axis.grid(alpha=0.3)
         axis.legend(loc="upper left", fontsize=8)
-    first = next(iter(runs.values()))
-    analysis = Path(first["exact"]).parent.parent.name
-    figure.suptitle(f"gradient index against analyze.py's exact full-rank scores: {analysis}, {first['num_train']} training images")
+    figure.suptitle("gradient index against analyze.py's exact full-rank scores, per --basis (training images: "
+                    + ", ".join(sorted({f"{run['analysis']} {run['num_train']}" for run in runs.values()})) + ")")
     figure.tight_layout()
     args.figure.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(args.figure, dpi=120)
@@ -240,11 +244,12 @@ def _scoring_rate(dim: int) -> float:
 
 def run_imagenet(args: argparse.Namespace) -> Dict[str, Any]:
     results = json.loads(args.json.read_text()) if args.json.is_file() else {}
-    ekfac = results.get("runs", {}).get("ekfac", {})
-    measured = [entry for entry in ekfac.get("dims", {}).values() if "query_gradients_s" in entry]
+    ekfac = [run for run in results.get("runs", {}).values() if run.get("strategy") == "ekfac"]
+    measured = [entry for run in ekfac for entry in run.get("dims", {}).values() if "query_gradients_s" in entry]
     # The query side's cost is preconditioning full gradients, which depends on the layer shapes only, not
     # on the image size: the per-query seconds measured on the trained digits model (EKFAC) carry over.
-    precondition_s = float(np.median([entry["query_gradients_s"] for entry in measured])) / ekfac["num_queries"] if measured else None
+    per_query = [entry["query_gradients_s"] / run["num_queries"] for run in ekfac for entry in run.get("dims", {}).values() if "query_gradients_s" in entry]
+    precondition_s = float(np.median(per_query)) if measured else None
     with torch.random.fork_rng():
         torch.manual_seed(0)
         images = torch.randn(args.measure_images, 3, IMAGENET_CROP, IMAGENET_CROP)
@@ -293,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     agreement = commands.add_parser("agreement", help="Build and query one --index_dim; compare with exact scores.")
     agreement.add_argument("--exact", type=Path, required=True, help="analyze.py's full-rank score folder (or file) to compare with; its run_config.json says the model, data, queries and damping.")
     agreement.add_argument("--index_dim", type=positive_int, required=True, help="gradient_index.py's --index_dim.")
+    agreement.add_argument("--basis", choices=gradient_index.BASES, default=gradient_index.DEFAULT_BASIS, help=f"gradient_index.py's --basis (default: {gradient_index.DEFAULT_BASIS}).")
     agreement.add_argument("--dtype", choices=tuple(gradient_index.DTYPES), default=gradient_index.DEFAULT_DTYPE, help=f"The index's --dtype (default: {gradient_index.DEFAULT_DTYPE}).")
     agreement.add_argument("--query_batch_size", type=positive_int, default=8, help="gradient_index.py query's --query_batch_size (default: 8).")
     agreement.add_argument("--overwrite", action="store_true", help="Pass --overwrite to gradient_index.py (an index or scores of other settings are replaced).")

@@ -24,6 +24,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -34,6 +35,7 @@ import projection  # noqa: E402
 from cli import UserError  # noqa: E402
 from conftest import REPO_ROOT, SmallCNN, tiny_counts, write_image_folder  # noqa: E402
 from small_model_cli import analyze_in_process, build_tiny_model  # noqa: E402
+from score_files import open_score_file  # noqa: E402
 from task import ClassificationTask  # noqa: E402
 
 WORKER = Path(__file__).resolve()
@@ -98,6 +100,9 @@ def exact(dataset, tmp_path_factory):
         for strategy in ("identity", "ekfac"):
             analyze_in_process(monkeypatch, dataset, output_dir, "--factor_strategy", strategy, "--damping_factor", "heuristic")
             scores[strategy] = _scores(naming.pairwise_scores_path(output_dir, "imagenet", strategy))
+        for normalization in ("relative", "cosine"):
+            analyze_in_process(monkeypatch, dataset, output_dir, "--factor_strategy", "ekfac", "--damping_factor", "heuristic", "--score_normalization", normalization)
+            scores[f"ekfac_{normalization}"] = _scores(naming.pairwise_scores_path(output_dir, "imagenet", f"ekfac_{normalization}"))
     return output_dir, scores
 
 
@@ -196,20 +201,23 @@ def test_float16_overflow_names_bfloat16():
 # ------------------------------------------------------------------------------ against analyze.py
 
 
-@pytest.mark.parametrize("strategy", ["identity", "ekfac"])
-def test_index_scores_equal_analyze_scores_without_projection(exact, dataset, tiny_model, strategy):
-    """index_dim above every layer side: the compressed gradients are the full gradients, stored in
-    float32 in 3 shards, and the query side's preconditioning is kronfluence's own, so the scores are
-    analyze.py's within float32 summation order."""
+@pytest.mark.parametrize("strategy, normalization", [("identity", "none"), ("ekfac", "none"), ("ekfac", "relative"), ("ekfac", "cosine")])
+def test_index_scores_equal_analyze_scores_without_projection(exact, dataset, tiny_model, strategy, normalization):
+    """index_dim above every layer side: the compressed gradients are the full gradients rotated into the
+    EKFAC eigenbasis, stored in float32 in 3 shards, and the query side's preconditioning is kronfluence's
+    own, so the scores are analyze.py's within float32 summation order; so are the relative and cosine
+    scores, whose self-influences the index computes from its shards and the lambda factors alone."""
     output_dir, scores = exact
     directory = gradient_index.main(_build(dataset, output_dir))
-    assert directory == gradient_index.index_dir(output_dir, "imagenet", WHOLE)
+    assert directory == gradient_index.index_dir(output_dir, "imagenet", "ekfac", WHOLE)
     assert [_shape(path)[0] for path in sorted(directory.glob("shard_*.safetensors"))] == [3, 3, 2]
-    path = gradient_index.main([*_query(dataset, output_dir), "--factor_strategy", strategy, "--num_queries", "2"])
-    assert path == gradient_index.index_scores_dir(output_dir, "imagenet", strategy, WHOLE) / naming.PAIRWISE_SCORES_FILE
+    path = gradient_index.main([*_query(dataset, output_dir), "--factor_strategy", strategy, "--num_queries", "2", "--score_normalization", normalization])
+    assert path == gradient_index.index_scores_dir(output_dir, "imagenet", "ekfac", WHOLE, strategy, normalization) / naming.PAIRWISE_SCORES_FILE
     got = _scores(path)
-    assert got.dtype == torch.float32 and got.shape == scores[strategy].shape == (2, 8)
-    torch.testing.assert_close(got, scores[strategy], rtol=1e-4, atol=1e-5 * scores[strategy].abs().max().item())
+    expected = scores[strategy if normalization == "none" else f"{strategy}_{normalization}"]
+    assert got.dtype == torch.float32 and got.shape == expected.shape == (2, 8)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+    assert open_score_file(path, "index scores").normalization == normalization
     record = json.loads((path.parent / naming.RUN_CONFIG_FILE).read_text())
     assert record["resolved"]["queries"]["val_positions"] == [0, 1]
 
@@ -218,7 +226,7 @@ def test_projected_index_scores_equal_an_explicit_float64_projection(exact, data
     """With real projections (index_dim 3) the command line's scores equal autograd's float64 query and
     training gradients projected explicitly with the same seed's matrices (identity strategy: no factors)."""
     output_dir, _ = exact
-    seeded = ("--seed", "3", "--analysis_name", "seeded")  # no factors there: identity needs none
+    seeded = ("--seed", "3", "--analysis_name", "seeded", "--basis", "gaussian")  # no factors there: identity needs none
     gradient_index.main(_build(dataset, output_dir, PROJECTED, *seeded))
     path = gradient_index.main([*_query(dataset, output_dir, PROJECTED, *seeded), "--factor_strategy", "identity", "--num_queries", "2"])
     model = build_tiny_model(seed=3).double()
@@ -233,6 +241,58 @@ def test_projected_index_scores_equal_an_explicit_float64_projection(exact, data
     training = projections.compress(_per_example_gradients(model, _train_losses(model, train_images, train_labels)))
     expected = query @ training.T
     torch.testing.assert_close(_scores(path).double(), expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+
+
+def _float64_gradients(model, dataset: Path, num_queries: int):
+    """Autograd's float64 per-layer gradients of the training losses and of the first queries' margins."""
+    train = pipeline.get_imagenet_dataset("train", dataset)
+    val = pipeline.get_imagenet_dataset("val", dataset)
+    train_images = torch.stack([train[i][0] for i in range(len(train))]).double()
+    train_labels = torch.tensor([train[i][1] for i in range(len(train))])
+    query_images = torch.stack([val[i][0] for i in range(num_queries)]).double()
+    query_labels = torch.tensor([val[i][1] for i in range(num_queries)])
+    return (_per_example_gradients(model, _margins(model, query_images, query_labels)),
+            _per_example_gradients(model, _train_losses(model, train_images, train_labels)))
+
+
+def test_ekfac_basis_index_scores_equal_float64_ekfac_restricted_to_the_top_eigenvectors(exact, dataset, tiny_model):
+    """The default basis at index_dim 3: the command line's scores equal an independent float64 EKFAC
+    computed from the factor files (each layer's gradients rotated into the KFAC eigenbasis, divided by
+    lambda / count + 0.1 x its mean, the heuristic damping), summed over only the top-3 x top-3
+    eigen-directions of every layer; summed over all of them the same computation gives analyze.py's
+    exact scores, which the truncated index does not."""
+    output_dir, scores = exact
+    directory = gradient_index.main(_build(dataset, output_dir, PROJECTED))
+    assert directory == gradient_index.index_dir(output_dir, "imagenet", "ekfac", PROJECTED)
+    path = gradient_index.main([*_query(dataset, output_dir, PROJECTED), "--num_queries", "2"])
+    factors = naming.factors_dir(output_dir, "imagenet", "ekfac")
+    read = {name: load_file(str(factors / f"{name}.safetensors")) for name in (
+        "activation_eigenvectors", "activation_eigenvalues", "gradient_eigenvectors", "gradient_eigenvalues", "lambda_matrix", "num_lambda_processed")}
+    model = build_tiny_model(seed=0).double()
+    query, train = _float64_gradients(model, dataset, 2)
+    full = truncated = truncated_self = 0
+    for (name, _), q, t in zip(projection.tracked_named_layers(model), query, train):
+        in_order = read["activation_eigenvalues"][name].double().argsort(descending=True)
+        out_order = read["gradient_eigenvalues"][name].double().argsort(descending=True)
+        in_basis = read["activation_eigenvectors"][name].double()[:, in_order]
+        out_basis = read["gradient_eigenvectors"][name].double()[:, out_order]
+        lambdas = (read["lambda_matrix"][name].double() / read["num_lambda_processed"][name].double())[out_order][:, in_order]
+        rotated_query = out_basis.T @ q @ in_basis / (lambdas + 0.1 * lambdas.mean())
+        rotated_train = out_basis.T @ t @ in_basis
+        full = full + torch.einsum("qoi,toi->qt", rotated_query, rotated_train)
+        k_out, k_in = min(PROJECTED, q.shape[1]), min(PROJECTED, q.shape[2])
+        truncated = truncated + torch.einsum("qoi,toi->qt", rotated_query[:, :k_out, :k_in], rotated_train[:, :k_out, :k_in])
+        block = rotated_train[:, :k_out, :k_in]
+        truncated_self = truncated_self + (block.square() / (lambdas + 0.1 * lambdas.mean())[:k_out, :k_in]).sum((1, 2))
+    torch.testing.assert_close(full.float(), scores["ekfac"], rtol=1e-3, atol=1e-4 * scores["ekfac"].abs().max().item())
+    got = _scores(path).double()
+    torch.testing.assert_close(got, truncated, rtol=1e-4, atol=1e-5 * truncated.abs().max().item())
+    assert (got - full).abs().max() > 0.01 * full.abs().max()
+    relative = gradient_index.main([*_query(dataset, output_dir, PROJECTED), "--num_queries", "2", "--score_normalization", "relative"])
+    expected = truncated / truncated_self.sqrt()[None, :]
+    torch.testing.assert_close(_scores(relative).double(), expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+    record = json.loads((directory / naming.RUN_CONFIG_FILE).read_text())
+    assert record["depends_on"]["basis_factors_id"] == json.loads((factors / naming.RUN_CONFIG_FILE).read_text())["id"]
 
 
 def test_query_dir_scores_equal_analyze_query_dir_scores(exact, dataset, tiny_model, monkeypatch, tmp_path):
@@ -259,28 +319,29 @@ def test_query_dir_scores_equal_analyze_query_dir_scores(exact, dataset, tiny_mo
 
 
 def test_killed_build_resumes_to_the_same_shards_without_redoing_finished_ones(dataset, tmp_path):
-    uninterrupted = _run(_build(dataset, tmp_path / "uninterrupted", PROJECTED))
+    gaussian = ("--basis", "gaussian")
+    uninterrupted = _run(_build(dataset, tmp_path / "uninterrupted", PROJECTED, *gaussian))
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
     output_dir = tmp_path / "killed"
-    killed = _run(_build(dataset, output_dir, PROJECTED), kill_at="3")  # the first batch of shard 1
+    killed = _run(_build(dataset, output_dir, PROJECTED, *gaussian), kill_at="3")  # the first batch of shard 1
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    directory = gradient_index.index_dir(output_dir, "imagenet", PROJECTED)
+    directory = gradient_index.index_dir(output_dir, "imagenet", "gaussian", PROJECTED)
     assert sorted(path.name for path in directory.glob("shard_*")) == ["shard_00000.safetensors"]
     first = (directory / "shard_00000.safetensors").stat()
     (directory / ".shard_00001.safetensors.99999.tmp").write_bytes(b"cut short")  # a write a kill interrupted
     counted = tmp_path / "count"
-    resumed = _run(_build(dataset, output_dir, PROJECTED), count_file=str(counted))
+    resumed = _run(_build(dataset, output_dir, PROJECTED, *gaussian), count_file=str(counted))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "reusing 1 finished" in resumed.stderr
     assert int(counted.read_text()) == 3  # shards 1 and 2 only: batches [3, 4], [5], [6, 7]
     again = (directory / "shard_00000.safetensors").stat()
     assert (again.st_ino, again.st_mtime_ns) == (first.st_ino, first.st_mtime_ns)
     assert not list(directory.glob(".*.tmp"))
-    expected = _shards(gradient_index.index_dir(tmp_path / "uninterrupted", "imagenet", PROJECTED))
+    expected = _shards(gradient_index.index_dir(tmp_path / "uninterrupted", "imagenet", "gaussian", PROJECTED))
     got = _shards(directory)
     assert len(got) == len(expected) == 3 and all(torch.equal(a, b) for a, b in zip(got, expected))
     # A finished index is reused as it is.
-    _run(_build(dataset, output_dir, PROJECTED), count_file=str(counted))
+    _run(_build(dataset, output_dir, PROJECTED, *gaussian), count_file=str(counted))
     assert int(counted.read_text()) == 0
 
 
@@ -291,11 +352,11 @@ def test_stale_or_missing_index_and_factors_are_refused_in_one_line(dataset, tmp
     out = tmp_path / "results"
 
     def common(checkpoint: Path, index_dim: int = PROJECTED) -> List[str]:
-        return _common(dataset, out, index_dim, "--checkpoint", str(checkpoint))
+        return _common(dataset, out, index_dim, "--checkpoint", str(checkpoint), "--basis", "gaussian")
 
     built = _run(["build", *common(first), "--shard_size", "3"])
     assert built.returncode == 0, built.stderr[-3000:]
-    directory = gradient_index.index_dir(out, "imagenet", PROJECTED)
+    directory = gradient_index.index_dir(out, "imagenet", "gaussian", PROJECTED)
     cases = [
         (["build", *common(second), "--shard_size", "3"],
          rf"gradient index in {re.escape(str(directory))} were computed with other settings \(model 'checkpoint sha256:\w+' -> 'checkpoint sha256:\w+'\); pass --overwrite"),
@@ -304,7 +365,9 @@ def test_stale_or_missing_index_and_factors_are_refused_in_one_line(dataset, tmp
          rf"the gradient index in {re.escape(str(directory))} was built with other settings \(model 'checkpoint sha256:\w+' -> 'checkpoint sha256:\w+'\); rebuild it with `gradient_index.py build`"),
         (["query", *common(first), "--factor_strategy", "identity", "--num_queries", "1", "--seed", "1"], r"was built with other settings \(seed 0 -> 1\)"),
         (["query", *common(first, 8), "--factor_strategy", "identity", "--num_queries", "1"],
-         rf"no gradient index at {re.escape(str(gradient_index.index_dir(out, 'imagenet', 8)))}: build it first with `gradient_index.py build` with the same --dataset_dir, model, --index_dim 8"),
+         rf"no gradient index at {re.escape(str(gradient_index.index_dir(out, 'imagenet', 'gaussian', 8)))}: build it first with `gradient_index.py build` with the same --dataset_dir, model, --basis gaussian, --index_dim 8"),
+        (["query", *common(first), "--factor_strategy", "identity", "--num_queries", "1", "--score_normalization", "relative"],
+         r"--score_normalization relative takes the self-influence from the index, which needs an eigenvector basis queried with its own strategy \(--basis ekfac --factor_strategy ekfac, or kfac\); got --basis gaussian --factor_strategy identity$"),
         (["query", *common(first), "--factor_strategy", "ekfac", "--num_queries", "1"],
          rf"no ekfac factors in {re.escape(str(naming.factors_dir(out, 'imagenet', 'ekfac')))}: run `analyze.py --factor_strategy ekfac`"),
     ]
@@ -323,15 +386,41 @@ def test_stale_or_missing_index_and_factors_are_refused_in_one_line(dataset, tmp
     assert answered.returncode == 0, answered.stderr[-3000:]
 
 
+def test_eigen_basis_needs_fitted_factors_and_refitted_factors_make_the_index_stale(dataset, tiny_model, monkeypatch, tmp_path, capsys):
+    """--basis ekfac (the default) without factors is refused in one line naming analyze.py and --basis
+    gaussian; after the factors are refitted (on 6 images instead of 8) a query refuses the index built
+    on the old eigenvectors, naming the factors' id, and --overwrite rebuilds it."""
+
+    def refused(argv: List[str]) -> str:
+        with pytest.raises(SystemExit) as caught:
+            gradient_index.main(argv)
+        assert caught.value.code == 2
+        return capsys.readouterr().err.strip().splitlines()[-1]
+
+    factors = naming.factors_dir(tmp_path, "imagenet", "ekfac")
+    line = refused(_build(dataset, tmp_path, PROJECTED))
+    assert line == (f"gradient_index.py: error: no ekfac factors in {factors}: --basis ekfac projects onto their eigenvectors: run "
+                    "`analyze.py --factor_strategy ekfac` with the same --dataset_dir, model and --output_dir/--analysis_name first, or pass --basis gaussian")
+    analyze_in_process(monkeypatch, dataset, tmp_path, "--factor_strategy", "ekfac", "--damping_factor", "heuristic")
+    gradient_index.main(_build(dataset, tmp_path, PROJECTED))
+    gradient_index.main([*_query(dataset, tmp_path, PROJECTED), "--num_queries", "1"])
+    analyze_in_process(monkeypatch, dataset, tmp_path, "--factor_strategy", "ekfac", "--damping_factor", "heuristic", "--factor_examples", "6", "--overwrite")
+    line = refused([*_query(dataset, tmp_path, PROJECTED), "--num_queries", "1"])
+    assert re.search(r"was built with other settings \(basis_factors_id '\w+' -> '\w+'\); rebuild it with `gradient_index.py build` .* --overwrite$", line), line
+    gradient_index.main([*_build(dataset, tmp_path, PROJECTED), "--overwrite"])
+    path = gradient_index.main([*_query(dataset, tmp_path, PROJECTED), "--num_queries", "1", "--overwrite"])
+    assert torch.isfinite(_scores(path)).all()
+
+
 def test_small_disk_is_refused_before_any_shard(dataset, tiny_model, monkeypatch, tmp_path, capsys):
     usage = gradient_index.shutil.disk_usage
     monkeypatch.setattr(gradient_index.shutil, "disk_usage", lambda path: usage(path)._replace(free=1000))  # 1.0 kB
     with pytest.raises(SystemExit) as caught:
-        gradient_index.main(_build(dataset, tmp_path))
+        gradient_index.main(_build(dataset, tmp_path, WHOLE, "--basis", "gaussian"))
     assert caught.value.code == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert re.fullmatch(r"gradient_index\.py: error: not enough disk space under .*gradient_index_dim100: the index needs 18\.4 kB, 1\.0 kB is free; .*", line), line
-    assert not list(gradient_index.index_dir(tmp_path, "imagenet", WHOLE).glob("shard_*"))
+    assert re.fullmatch(r"gradient_index\.py: error: not enough disk space under .*gradient_index_gaussian_dim100: the index needs 18\.4 kB, 1\.0 kB is free; .*", line), line
+    assert not list(gradient_index.index_dir(tmp_path, "imagenet", "gaussian", WHOLE).glob("shard_*"))
 
 
 # ------------------------------------------------------------------------------ as a user runs it
@@ -346,12 +435,12 @@ def test_command_line_of_resnet50_ends_in_a_file_top_influences_reads(tiny_image
     for number, image in enumerate(sorted((tiny_imagenet / "val").glob("*/*.JPEG"))[:2]):
         (photos / f"photo{number}.jpg").write_bytes(image.read_bytes())
     common = ["--dataset_dir", str(tiny_imagenet), "--checkpoint", str(resnet50_checkpoint), "--resize_size", "32",
-              "--crop_size", "32", "--num_workers", "0", "--output_dir", str(tmp_path / "results"), "--index_dim", "8"]
+              "--crop_size", "32", "--num_workers", "0", "--output_dir", str(tmp_path / "results"), "--index_dim", "8", "--basis", "gaussian"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for argv in (["build", *common, "--train_batch_size", "4"], ["query", *common, "--factor_strategy", "identity", "--query_dir", str(photos)]):
         done = subprocess.run([sys.executable, str(REPO_ROOT / "gradient_index.py"), *argv], env=env, capture_output=True, text=True, timeout=240)
         assert done.returncode == 0, done.stderr[-3000:]
-    scores_dir = gradient_index.index_scores_dir(tmp_path / "results", "imagenet", "identity", 8)
+    scores_dir = gradient_index.index_scores_dir(tmp_path / "results", "imagenet", "gaussian", 8, "identity")
     scores = _scores(scores_dir / naming.PAIRWISE_SCORES_FILE)
     assert scores.shape == (2, 6) and torch.isfinite(scores).all()
     shown = subprocess.run(
@@ -365,7 +454,7 @@ def test_command_line_of_resnet50_ends_in_a_file_top_influences_reads(tiny_image
     for row, entry in zip(scores, summary["queries"]):
         assert entry["label_source"] == "predicted"
         assert entry["helpful"][0]["train_index"] == int(row.argmax())
-    assert len(list((tmp_path / "figure").glob("top_influences_imagenet_index_identity_dim8_query*.png"))) == 2
+    assert len(list((tmp_path / "figure").glob("top_influences_imagenet_index_gaussian_dim8_identity_query*.png"))) == 2
 
 
 # ------------------------------------------------------------------------------ the worker
