@@ -91,7 +91,9 @@ def query_flags(record: Dict[str, Any], folder: Path) -> List[str]:
         listing.write_text("".join(f"{position}\n" for position in positions))
         flags = ["--query_files", str(listing)]
     damping = record["depends_on"]["damping_factor"]
-    return [*flags, "--factor_strategy", record["settings"]["strategy"], "--damping_factor", "heuristic" if damping is None else repr(damping)]
+    normalization = record["depends_on"].get("score_normalization", naming.NO_NORMALIZATION)
+    return [*flags, "--factor_strategy", record["settings"]["strategy"], "--damping_factor", "heuristic" if damping is None else repr(damping),
+            "--score_normalization", normalization]
 
 
 def compare(exact_path: Path, index_path: Path) -> Dict[str, Any]:
@@ -117,9 +119,9 @@ def _factor_examples(record: Dict[str, Any]) -> Optional[int]:
         return None
 
 
-def run_key(analysis: str, basis: str, strategy: str) -> str:
-    """One curve of the figure: `trained_digits: ekfac basis, ekfac scores`."""
-    return f"{analysis}: {basis} basis, {strategy} scores"
+def run_key(analysis: str, basis: str, strategy: str, normalization: str) -> str:
+    """One curve of the figure: `trained_digits: ekfac basis, ekfac scores` (`..., ekfac relative scores`)."""
+    return f"{analysis}: {basis} basis, {strategy}{'' if normalization == naming.NO_NORMALIZATION else ' ' + normalization} scores"
 
 
 def run_agreement(args: argparse.Namespace) -> Dict[str, Any]:
@@ -133,8 +135,9 @@ def run_agreement(args: argparse.Namespace) -> Dict[str, Any]:
     common = [*flags_from_record(record), "--index_dim", str(args.index_dim), "--basis", args.basis]
     overwrite = ["--overwrite"] if args.overwrite else []
     strategy = record["settings"]["strategy"]
+    normalization = record["depends_on"].get("score_normalization", naming.NO_NORMALIZATION)
     results = json.loads(args.json.read_text()) if args.json.is_file() else {}
-    run = results.setdefault("runs", {}).setdefault(run_key(record["settings"]["analysis_name"], args.basis, strategy), {})
+    run = results.setdefault("runs", {}).setdefault(run_key(record["settings"]["analysis_name"], args.basis, strategy, normalization), {})
     entry = run.setdefault("dims", {}).setdefault(str(args.index_dim), {})
     handler = _Timings()  # a reused index or score file logs no timings: the earlier ones are kept
     logging.getLogger("gradient_index").addHandler(handler)
@@ -144,7 +147,7 @@ def run_agreement(args: argparse.Namespace) -> Dict[str, Any]:
     handler.timings = {}
     with tempfile.TemporaryDirectory() as scratch:
         started = time.perf_counter()
-        scores_dir = (args.scores_root / gradient_index.index_scores_name(args.basis, args.index_dim, strategy)) if args.scores_root else None
+        scores_dir = (args.scores_root / gradient_index.index_scores_name(args.basis, args.index_dim, strategy, normalization)) if args.scores_root else None
         index_path = gradient_index.main([
             "query", *common, *overwrite, *query_flags(record, Path(scratch)), "--query_batch_size", str(args.query_batch_size),
             *(["--scores_dir", str(scores_dir)] if scores_dir else []),
@@ -158,7 +161,7 @@ def run_agreement(args: argparse.Namespace) -> Dict[str, Any]:
         "agreement": compare(exact_path, index_path), "index_scores": str(index_path),
     })
     run.update({
-        "analysis": record["settings"]["analysis_name"], "basis": args.basis, "strategy": strategy, "exact": str(exact_path), "num_queries": record["depends_on"]["num_queries"], "num_train": record["depends_on"]["num_train"],
+        "analysis": record["settings"]["analysis_name"], "basis": args.basis, "strategy": strategy, "normalization": normalization, "exact": str(exact_path), "num_queries": record["depends_on"]["num_queries"], "num_train": record["depends_on"]["num_train"],
         "damping_factor": record["depends_on"]["damping_factor"], "factor_examples": _factor_examples(record),
     })
     results["machine"] = hardware.describe_device(record["settings"]["device"])
@@ -244,7 +247,7 @@ def _scoring_rate(dim: int) -> float:
 
 def run_imagenet(args: argparse.Namespace) -> Dict[str, Any]:
     results = json.loads(args.json.read_text()) if args.json.is_file() else {}
-    ekfac = [run for run in results.get("runs", {}).values() if run.get("strategy") == "ekfac"]
+    ekfac = [run for run in results.get("runs", {}).values() if run.get("strategy") == "ekfac" and run.get("normalization", naming.NO_NORMALIZATION) == naming.NO_NORMALIZATION]
     measured = [entry for run in ekfac for entry in run.get("dims", {}).values() if "query_gradients_s" in entry]
     # The query side's cost is preconditioning full gradients, which depends on the layer shapes only, not
     # on the image size: the per-query seconds measured on the trained digits model (EKFAC) carry over.

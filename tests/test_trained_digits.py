@@ -90,7 +90,12 @@ def test_smallest_run_finds_labels_planted_mislabels_and_reports_lds(tmp_path):
     assert shares["none"]["ekfac"] > 2 * result["chance_same_label"]
     assert result["mislabel"]["identity"]["planted_above_median"] > 0.5  # most planted mislabels rank above the median
     assert result["mislabel"]["identity"]["auc"] > 0.5
-    assert set(result["lds"]) == {"identity", "ekfac"} and set(result["lds"]["identity"]) == {"none", "relative", "cosine"}
+    assert set(result["lds"]) == {"identity", "ekfac", "index8"} and set(result["lds"]["identity"]) == {"none", "relative", "cosine"}
+    assert set(result["lds"]["index8"]) == {"none", "relative"}  # the index's relative scores cost no self-influence pass
+    index = result["gradient_index"]
+    assert set(index["against_exact_ekfac"]) == {"none"}  # this run computes no exact relative EKFAC
+    assert 0.1 < index["against_exact_ekfac"]["none"]["Spearman"] < 1  # an approximation of the exact scores, not noise
+    assert shares["none"]["index8"] > 2 * result["chance_same_label"]
     for by_normalization in result["lds"].values():
         for value in by_normalization.values():
             assert value["num_queries"] == result["num_queries"] and -1 <= value["mean"] <= 1

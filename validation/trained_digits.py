@@ -2,7 +2,8 @@
 handwritten digits (real scans that ship inside scikit-learn), written as an ImageNet-layout folder with
 planted mislabels, and a torchvision ResNet-50 trained on them here from random init. Then the suite's own
 command lines run on that checkpoint and folder as a user would run them (analyze.py with each strategy,
-rank and score normalisation, query_batching_analysis.py, top_influences.py, analyze.py --self_influence),
+rank and score normalisation, query_batching_analysis.py, top_influences.py, analyze.py --self_influence,
+gradient_index.py build and query for EKFAC scores from an index),
 and the answers are checked against what is known: the label of each query, the planted mislabels, and
 the margins of models retrained on random halves of the training set (the linear datamodeling score,
 validation/lds.py, with its noise ceiling).
@@ -30,9 +31,11 @@ import torch
 from scipy.stats import bootstrap
 from sklearn.metrics import roc_auc_score
 
+import gradient_index
 import naming
 import pipeline
 from cli import UserError, setup_logging, user_errors
+from query_batching_analysis import SPEARMAN, overlap_name, row_statistics
 from records import write_json_atomically
 from score_files import check_writable
 from scoring import load_scores
@@ -73,6 +76,7 @@ class RunSize:
     self_influence_strategies: Sequence[str]  # listed by top_influences.py --self
     lds_subsets: int  # random halves of the training set, each retrained once (seed SEED)
     lds_ceiling_subsets: int  # the first of them retrained again from seed SEED + 1, for the noise ceiling
+    index_dim: int  # gradient_index.py's EKFAC-basis index: raw and relative EKFAC scores from it, beside the exact ones
 
 
 FULL = RunSize(
@@ -89,6 +93,7 @@ FULL = RunSize(
     self_influence_strategies=("identity", "diagonal"),
     lds_subsets=32,
     lds_ceiling_subsets=4,
+    index_dim=32,
 )
 QUICK = dataclasses.replace(
     FULL,
@@ -115,6 +120,7 @@ TEST = dataclasses.replace(
     self_influence_strategies=(),
     lds_subsets=4,
     lds_ceiling_subsets=1,
+    index_dim=8,
 )
 
 
@@ -208,18 +214,56 @@ def mislabel_detection(self_scores: torch.Tensor, planted: Sequence[int]) -> Dic
     }
 
 
-def analyze_argv(data_dir: Path, checkpoint: Path, output_dir: Path, size: RunSize) -> List[str]:
-    """The flags every analyze.py command of the run shares: the user's data, checkpoint and sizes, the
-    heuristic damping (0.1 x the mean eigenvalue; kronfluence's 1e-8 is for ImageNet-sized data) and one
-    process without DataLoader workers (2 CPU cores)."""
+def model_argv(data_dir: Path, checkpoint: Path, output_dir: Path, size: RunSize) -> List[str]:
+    """The flags analyze.py and gradient_index.py share here: the data, the checkpoint and its sizes, the
+    analysis folder, one process without DataLoader workers (2 CPU cores)."""
     return [
         "--dataset_dir", str(data_dir), "--checkpoint", str(checkpoint),
         "--resize_size", str(size.preprocessing.resize_size), "--crop_size", str(size.preprocessing.crop_size),
-        "--output_dir", str(output_dir), "--analysis_name", size.name, "--damping_factor", "heuristic",
-        "--num_workers", "0", "--train_batch_size", str(ANALYSIS_BATCH_SIZE), "--profile",
-        "--factor_examples", str(size.factor_examples),
+        "--output_dir", str(output_dir), "--analysis_name", size.name, "--num_workers", "0",
         "--overwrite",  # the analysis is this script's own: results of an earlier checkpoint are replaced, matching ones reused
     ]
+
+
+def analyze_argv(data_dir: Path, checkpoint: Path, output_dir: Path, size: RunSize) -> List[str]:
+    """The flags every analyze.py command of the run shares: `model_argv`'s, the heuristic damping (0.1 x
+    the mean eigenvalue; kronfluence's 1e-8 is for ImageNet-sized data) and the factors' sizes."""
+    return [
+        *model_argv(data_dir, checkpoint, output_dir, size), "--damping_factor", "heuristic",
+        "--train_batch_size", str(ANALYSIS_BATCH_SIZE), "--profile", "--factor_examples", str(size.factor_examples),
+    ]
+
+
+def index_label(size: RunSize) -> str:
+    """The index's column in the tables and the LDS figure: `index32` (its EKFAC scores)."""
+    return f"index{size.index_dim}"
+
+
+def index_path(output_dir: Path, size: RunSize, normalization: str) -> Path:
+    return gradient_index.index_scores_dir(output_dir, size.name, "ekfac", size.index_dim, "ekfac", normalization) / naming.PAIRWISE_SCORES_FILE
+
+
+def run_index(steps: Steps, argv: List[str], size: RunSize, num_queries: int) -> None:
+    """gradient_index.py on the trained model: an index of every training image in the EKFAC eigenbasis
+    (size.index_dim), then the queries' raw and relative EKFAC scores from it (no pass over the training
+    images; the relative scores' self-influence comes from the index itself)."""
+    index = [*argv, "--index_dim", str(size.index_dim)]
+    steps.run("gradient_index.py", "build", *index, "--train_batch_size", str(ANALYSIS_BATCH_SIZE))
+    for normalization in (naming.NO_NORMALIZATION, RELATIVE):
+        steps.run("gradient_index.py", "query", *index, "--damping_factor", "heuristic", "--num_queries", str(num_queries),
+                  "--query_batch_size", str(min(num_queries, QUERY_BATCH_SIZE)), "--score_normalization", normalization)
+
+
+def index_agreement(exact: Dict[str, torch.Tensor], index: Dict[str, torch.Tensor]) -> Dict[str, Dict[str, float]]:
+    """Per normalisation the run has exactly, the index's scores against the exact EKFAC ones, query by
+    query (means)."""
+    result = {}
+    for normalization, scores in index.items():
+        if normalization not in exact:
+            continue
+        rows = [row_statistics(full, approximate) for full, approximate in zip(exact[normalization], scores)]
+        result[normalization] = {name: float(np.nanmean([row[name] for row in rows])) for name in (SPEARMAN, overlap_name(TOP_K))}
+    return result
 
 
 def pairwise_path(output_dir: Path, size: RunSize, strategy: str, normalization: str = naming.NO_NORMALIZATION, rank: Optional[int] = None) -> Path:
@@ -329,6 +373,10 @@ def report_table(result: Dict[str, Any]) -> str:
         lines.append(f"  {strategy:<10}{value['auc']:>17.3f} [{value['auc_95'][0]:.3f}, {value['auc_95'][1]:.3f}]"
                      f"{value['recall_top2x']:>11.3f}{value['recall_top10pct']:>9.3f}")
     lines.append(f"  chance: ROC AUC 0.5, top 2x {result['chance_recall_top2x']:.3f}, top 10% {TOP_FRACTION:.3f}")
+    index = result["gradient_index"]
+    for normalization, stats in index["against_exact_ekfac"].items():
+        lines.append(f"  {index['label']} ({normalization}) against exact EKFAC ({normalization}), per query: Spearman mean "
+                     f"{stats[SPEARMAN]:.4f}, top-10 overlap mean {stats[overlap_name(TOP_K)]:.3f}; {index['bytes_per_image'] / 1e3:.1f} kB per image")
     for rank, stats in result["low_rank"].items():
         lines.append(
             f"  EKFAC rank {rank} vs full rank, per query: Spearman mean {stats['spearman_mean']:.4f}, minimum "
@@ -386,11 +434,15 @@ def validate(size: RunSize, work_dir: Path, output_dir: Path, figure_dir: Path) 
     num_queries = len(tensors["val_labels"])
     steps = Steps(work_dir)
     comparisons = run_suite(steps, analyze_argv(data_dir, checkpoint, output_dir, size), size, num_queries, figure_dir)
+    run_index(steps, model_argv(data_dir, checkpoint, output_dir, size), size, num_queries)
     pairwise = {
         strategy: {normalization: load_scores(pairwise_path(output_dir, size, strategy, normalization))
                    for normalization in naming.NORMALIZATIONS if normalization == naming.NO_NORMALIZATION or strategy in size.normalized_strategies}
         for strategy in sorted(size.strategies, key=STRATEGIES.index)
     }
+    index = {normalization: load_scores(index_path(output_dir, size, normalization)) for normalization in (naming.NO_NORMALIZATION, RELATIVE)}
+    agreement = index_agreement(pairwise["ekfac"], index)
+    pairwise[index_label(size)] = index
     # Self-influence of every training image, from the normalisations' pass: every strategy on the same images.
     self_scores = {s: load_scores(naming.self_scores_path(output_dir, size.name, naming.self_scores_name(s, False))) for s in size.normalized_strategies}
     grid_strategy = "ekfac" if "ekfac" in self_scores else size.normalized_strategies[-1]
@@ -424,6 +476,11 @@ def validate(size: RunSize, work_dir: Path, output_dir: Path, figure_dir: Path) 
                 "top10_overlap_mean": stats["top-10 overlap"]["mean"],
             }
             for rank, stats in comparisons.items()
+        },
+        "gradient_index": {
+            "label": index_label(size), "index_dim": size.index_dim,
+            "bytes_per_image": json.loads((gradient_index.index_dir(output_dir, size.name, "ekfac", size.index_dim) / naming.RUN_CONFIG_FILE).read_text())["resolved"]["bytes_per_image"],
+            "against_exact_ekfac": agreement,
         },
         "figures": {name: str(path) for name, path in figure_paths(figure_dir, size).items()},
         "seconds": time.perf_counter() - start,
