@@ -14,7 +14,6 @@ import argparse
 import contextlib
 import dataclasses
 import logging
-import math
 import os
 import sys
 from pathlib import Path
@@ -34,7 +33,7 @@ import queries
 import naming
 import pipeline
 import preflight
-from cli import UserError, non_negative_int, positive_int, setup_logging, user_errors
+from cli import HEURISTIC_DAMPING, UserError, damping_factor, non_negative_int, positive_int, setup_logging, user_errors
 from factors import FACTOR_PARTITION_EXAMPLES, fit_factors
 from normalization import compute_normalized_scores
 from records import dataset_provenance, discard_torn_files, model_source, write_failure
@@ -47,17 +46,7 @@ from task import make_analyzer
 
 logger = logging.getLogger("analyze")
 
-HEURISTIC_DAMPING = "heuristic"
 DEMO_LOW_RANK = 32
-
-
-def _damping(text: str) -> Optional[float]:
-    if text == HEURISTIC_DAMPING:
-        return None
-    value = float(text)
-    if not value >= 0 or math.isinf(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0 or '{HEURISTIC_DAMPING}', not {text}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--query_files", type=Path, help="A text file naming the query images, one per line: validation image paths (absolute, relative to val/, or a file name) or indices; instead of --num_queries and --query_selection.")
     parser.add_argument("--query_dir", type=Path, help="Any folder of images as queries (your own photos): class subfolders named by wnid or class index give the labels; without them each image's label is the model's own prediction (marked as predicted in the results).")
     parser.add_argument("--use_half_precision", action="store_true", help="bfloat16 factors and scores (names get _half).")
-    parser.add_argument("--damping_factor", type=_damping, default=argparse.SUPPRESS, help=f"Damping added to the Hessian approximation: a number, or '{HEURISTIC_DAMPING}' for 0.1 x mean eigenvalue (default: 1e-8; demo: heuristic).")
+    parser.add_argument("--damping_factor", type=damping_factor, default=argparse.SUPPRESS, help=f"Damping added to the Hessian approximation: a number, or '{HEURISTIC_DAMPING}' for 0.1 x mean eigenvalue (default: 1e-8; demo: heuristic).")
     parser.add_argument("--num_workers", type=non_negative_int, help=f"DataLoader worker processes per process (default: the CPUs this process may use, shared among the processes torchrun starts on the node, at most {hardware.MAX_DEFAULT_WORKERS}; demo 0).")
     parser.add_argument("--device", choices=hardware.DEVICE_CHOICES, default="auto", help="Where to compute: auto = the GPU when torch sees one, else the CPU (default: auto); cuda fails in one line without a usable GPU. The device is logged before any work starts.")
     add_speed_arguments(parser)
@@ -267,11 +256,7 @@ def run(args: argparse.Namespace, layout: distributed.Layout) -> Dict[str, Path]
     provenance = distributed.on_main(layout, lambda: dataset_provenance(train_dataset, query_dataset, model_source(weights, args.checkpoint)))
     source = provenance["train"]["model"]
     if query_record is not None:
-        if query_record["selection"] != "first":  # upstream's choice, recorded by its absence: older results stay valid
-            provenance["query"]["query_selection"] = query_record["selection"]  # a changed choice is named on rerun
-        if query_record["label_source"] == queries.LABEL_PREDICTED:
-            provenance["query"]["query_labels"] = queries.LABEL_PREDICTED
-        provenance["queries"] = query_record
+        queries.add_to_provenance(provenance, query_record)
     provenance["inputs"] = {  # where things were, for the record (results depend on the transform, recorded above)
         "dataset_dir": str(dataset_dir.resolve()),
         "checkpoint": str(args.checkpoint.resolve()) if args.checkpoint is not None else None,

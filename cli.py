@@ -7,9 +7,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 import sys
 import warnings
-from typing import Iterator
+from typing import Iterator, Optional
 
 USER_ERROR_EXIT_CODE = 2
 INTERRUPTED_EXIT_CODE = 130
@@ -63,4 +64,20 @@ def non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be zero or a positive integer, not {text}")
+    return value
+
+
+HEURISTIC_DAMPING = "heuristic"
+
+
+def damping_factor(text: str) -> Optional[float]:
+    """--damping_factor: a finite number >= 0, or 'heuristic' (None: kronfluence's 0.1 x mean eigenvalue)."""
+    if text == HEURISTIC_DAMPING:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0 or '{HEURISTIC_DAMPING}', not {text}") from None
+    if not value >= 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0 or '{HEURISTIC_DAMPING}', not {text}")
     return value

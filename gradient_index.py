@@ -53,8 +53,7 @@ import pipeline
 import preflight
 import projection
 import queries
-from analyze import _damping as damping_argument  # the same rule as analyze.py's --damping_factor
-from cli import UserError, non_negative_int, positive_int, setup_logging, user_errors
+from cli import UserError, damping_factor, non_negative_int, positive_int, setup_logging, user_errors
 from records import claim_results_dir, dataset_provenance, model_source, precision_record, write_failure
 from scoring import score_arguments
 from settings import DEFAULT_TF32, DEMO_DEFAULTS, SEED_DEFAULTS, STRATEGIES, TF32_CHOICES, AnalysisSettings, set_tf32
@@ -170,12 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
     build = commands.add_parser("build", help="One pass over the training set: the compressed gradient of every training image, in shards.")
     _add_common_arguments(build)
     build.add_argument("--train_batch_size", type=positive_int, help="Training images per batch (default: 256; demo 8).")
-    build.add_argument("--dtype", choices=tuple(DTYPES), default=DEFAULT_DTYPE, help=f"How the compressed gradients are stored: float16 (the default; a value beyond its range stops the build and names bfloat16), bfloat16, or float32 (twice the disk; for exactness checks).")
+    build.add_argument("--dtype", choices=tuple(DTYPES), default=DEFAULT_DTYPE, help="How the compressed gradients are stored: float16 (the default; a value beyond its range stops the build and names bfloat16), bfloat16, or float32 (twice the disk; for exactness checks).")
     build.add_argument("--shard_size", type=positive_int, default=DEFAULT_SHARD_SIZE, help=f"Training images per shard; each is written when finished, so a killed build loses at most one (default: {DEFAULT_SHARD_SIZE:,}).")
     query = commands.add_parser("query", help="Score queries against a finished index, preconditioned with analyze.py's factors.")
     _add_common_arguments(query)
     query.add_argument("--factor_strategy", choices=STRATEGIES, help="Which of analyze.py's factors precondition the queries; they must be fitted already, except identity's (default: the --basis, ekfac with --basis gaussian).")
-    query.add_argument("--damping_factor", type=damping_argument, default=argparse.SUPPRESS, help="Damping, as analyze.py's: a number, or 'heuristic' for 0.1 x mean eigenvalue (default: 1e-8; demo: heuristic). Use the value the exact scores used to compare with them.")
+    query.add_argument("--damping_factor", type=damping_factor, default=argparse.SUPPRESS, help="Damping, as analyze.py's: a number, or 'heuristic' for 0.1 x mean eigenvalue (default: 1e-8; demo: heuristic). Use the value the exact scores used to compare with them.")
     query.add_argument("--score_normalization", choices=naming.NORMALIZATIONS, default=naming.NO_NORMALIZATION, help="As analyze.py's: relative divides each training image's score by the square root of its self-influence, cosine also each query's by its own; both computed from the index itself (restricted to its eigen-directions, no extra pass), so they need an ekfac or kfac --basis queried with the same --factor_strategy (default: none).")
     query.add_argument("--num_queries", type=positive_int, help="Score N validation images chosen by --query_selection (default: 1000; demo: all).")
     query.add_argument("--query_selection", choices=queries.SELECTIONS, default="first", help="Which validation images are the queries: first (default), per_class or random (by --seed), as analyze.py.")
@@ -288,11 +287,7 @@ def query_provenance(args: argparse.Namespace, inputs: Inputs, query_dataset: da
     """What the scores depend on and record, keyed exactly as analyze.run keys them (top_influences.py
     compares these keys with the dataset it is given)."""
     provenance = dataset_provenance(inputs.train, query_dataset, inputs.source)
-    if query_record["selection"] != "first":
-        provenance["query"]["query_selection"] = query_record["selection"]
-    if query_record["label_source"] == queries.LABEL_PREDICTED:
-        provenance["query"]["query_labels"] = queries.LABEL_PREDICTED
-    provenance["queries"] = query_record
+    queries.add_to_provenance(provenance, query_record)
     provenance["inputs"] = input_record(args, inputs)
     return provenance
 

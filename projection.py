@@ -44,7 +44,7 @@ from scoring import layer_shape
 # Bumped whenever the projections drawn for a (seed, layer) change, so that indexes built with other
 # projections are refused rather than scored against queries projected differently.
 PROJECTION_SCHEME = "gaussian-kronecker-v1"
-EIGEN_SCHEME = "eigen-kronecker-v1"  # the same for the eigenvector bases; what they depend on is the factors' id
+EIGEN_SCHEME = "eigen-kronecker-v2"  # v2: sides kept whole are rotated too; what an eigenvector basis depends on is the factors' id
 INPUT_SIDE, OUTPUT_SIDE = 0, 1
 
 

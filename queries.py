@@ -182,3 +182,15 @@ def recorded_queries(record: Optional[Dict[str, Any]], val: Optional[data.Datase
     if missing:
         raise UserError(f"the scores' query image {missing[0]} is missing ({len(missing)} of {len(samples)} are)")
     return pipeline.ImageList(root, samples, classes, preprocessing.transform()), chosen["label_source"]
+
+
+def add_to_provenance(provenance: Dict[str, Any], query_record: Dict[str, Any]) -> None:
+    """Adds the query choice to records.dataset_provenance's result, as every score writer keys it: a
+    selection other than upstream's `first` (recorded by its absence: older results stay valid) and
+    predicted labels in what the scores depend on (a changed choice is named on rerun), the whole
+    record under `queries`."""
+    if query_record["selection"] != "first":
+        provenance["query"]["query_selection"] = query_record["selection"]
+    if query_record["label_source"] == LABEL_PREDICTED:
+        provenance["query"]["query_labels"] = LABEL_PREDICTED
+    provenance["queries"] = query_record

@@ -36,7 +36,10 @@ import projection
 from cli import UserError, positive_int, setup_logging, user_errors
 from query_batching_analysis import SPEARMAN, STATISTICS, overlap_name, row_statistics
 from score_files import open_score_file, read_rows
+from scoring import load_scores
 from task import ClassificationTask
+from validation import lds
+from validation.trained_digits import SEED as lds_seed
 
 PROG = "gradient_index_benchmark.py"
 DEFAULT_JSON = Path("figure/gradient_index.json")
@@ -160,6 +163,14 @@ def run_agreement(args: argparse.Namespace) -> Dict[str, Any]:
         "bytes_per_image": index_record["resolved"]["bytes_per_image"], "dtype": index_record["depends_on"]["dtype"],
         "agreement": compare(exact_path, index_path), "index_scores": str(index_path),
     })
+    if args.retrainings is not None:  # do the index's scores predict retraining as well as the exact ones?
+        try:
+            masks, measured = lds.cached_margins(args.retrainings, record["depends_on"]["num_train"], record["depends_on"]["num_queries"], lds_seed)
+        except ValueError as error:
+            raise UserError(str(error)) from None
+        entry["lds"] = lds.linear_datamodeling_score(load_scores(index_path), masks, measured)
+        run["exact_lds"] = lds.linear_datamodeling_score(load_scores(exact_path), masks, measured)
+        run["lds_subsets"] = len(masks)
     run.update({
         "analysis": record["settings"]["analysis_name"], "basis": args.basis, "strategy": strategy, "normalization": normalization, "exact": str(exact_path), "num_queries": record["depends_on"]["num_queries"], "num_train": record["depends_on"]["num_train"],
         "damping_factor": record["depends_on"]["damping_factor"], "factor_examples": _factor_examples(record),
@@ -168,6 +179,8 @@ def run_agreement(args: argparse.Namespace) -> Dict[str, Any]:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     spearman, overlap = entry["agreement"][SPEARMAN], entry["agreement"][overlap_name(10)]
+    if "lds" in entry:
+        print(f"LDS over {run['lds_subsets']} retrainings: index {entry['lds']['mean']:.3f}, exact {run['exact_lds']['mean']:.3f}")
     print(
         f"index_dim {args.index_dim}: per-query Spearman mean {spearman['mean']:.4f} (minimum {spearman['minimum']:.4f}), "
         f"top-10 overlap mean {overlap['mean']:.3f}; {entry['bytes_per_image'] / 1e3:.1f} kB per image ({entry['dtype']}); "
@@ -188,26 +201,34 @@ def run_figure(args: argparse.Namespace) -> Path:
     runs = {strategy: run for strategy, run in results.get("runs", {}).items() if run.get("dims")}
     if not runs:
         raise UserError(f"{args.json} holds no agreement measurements")
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    with_lds = {key: run for key, run in runs.items() if any("lds" in entry for entry in run["dims"].values())}
+    figure, axes = plt.subplots(1, 3 if with_lds else 2, figsize=(17 if with_lds else 11.5, 4.8))
+    colors = {key: f"C{position}" for position, key in enumerate(sorted(runs))}
+    ticks = sorted({int(dim) for run in runs.values() for dim in run["dims"]})
     for axis, name in zip(axes, (SPEARMAN, overlap_name(10))):
-        for offset, (strategy, run) in enumerate(sorted(runs.items())):
+        for offset, (key, run) in enumerate(sorted(runs.items())):
             dims = sorted(int(dim) for dim in run["dims"])
             entries = [run["dims"][str(dim)] for dim in dims]
-            means = [entry["agreement"][name]["mean"] for entry in entries]
-            minima = [entry["agreement"][name]["minimum"] for entry in entries]
-            line, = axis.plot(dims, means, "o-", label=f"{strategy}: mean over {run['num_queries']} queries")
-            axis.plot(dims, minima, "v:", color=line.get_color(), label=f"{strategy}: worst query")
-            for dim, entry in zip(dims, entries):
+            axis.plot(dims, [entry["agreement"][name]["mean"] for entry in entries], "o-", color=colors[key], label=f"{key} ({run['num_queries']} queries)")
+            for dim, entry in zip(dims, entries):  # every query's value, a little apart per curve
                 axis.scatter([dim * (1 + 0.04 * offset)] * len(entry["agreement"][name]["per_query"]), entry["agreement"][name]["per_query"],
-                             s=6, alpha=0.35, color=line.get_color())
+                             s=5, alpha=0.3, color=colors[key])
+        axis.set_ylabel(f"per-query {name} with exact scores (dots: each query)")
+        axis.set_ylim(-0.3, 1.02)
+    if with_lds:
+        axis = axes[2]
+        for key, run in sorted(with_lds.items()):
+            dims = sorted(int(dim) for dim, entry in run["dims"].items() if "lds" in entry)
+            axis.plot(dims, [run["dims"][str(dim)]["lds"]["mean"] for dim in dims], "o-", color=colors[key], label=f"{key}: index")
+            axis.axhline(run["exact_lds"]["mean"], color=colors[key], linestyle="--", linewidth=1, label=f"{key}: exact")
+        axis.axhline(0, color="grey", linewidth=0.5)
+        axis.set_ylabel(f"LDS (mean Spearman over queries, {next(iter(with_lds.values()))['lds_subsets']} retrainings)")
+    for axis in axes:
         axis.set_xscale("log", base=2)
-        ticks = sorted({int(dim) for run in runs.values() for dim in run["dims"]})
         axis.set_xticks(ticks, [f"{dim}" for dim in ticks])
         axis.set_xlabel("--index_dim (each layer stores index_dim x index_dim)")
-        axis.set_ylabel(f"per-query {name} with exact scores")
-        axis.set_ylim(-0.3, 1.02)
         axis.grid(alpha=0.3)
-        axis.legend(loc="upper left", fontsize=8)
+        axis.legend(loc="center right" if with_lds and axis is axes[-1] else "upper left", fontsize=7)
     figure.suptitle("gradient index against analyze.py's exact full-rank scores, per --basis (training images: "
                     + ", ".join(sorted({f"{run['analysis']} {run['num_train']}" for run in runs.values()})) + ")")
     figure.tight_layout()
@@ -305,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     agreement.add_argument("--dtype", choices=tuple(gradient_index.DTYPES), default=gradient_index.DEFAULT_DTYPE, help=f"The index's --dtype (default: {gradient_index.DEFAULT_DTYPE}).")
     agreement.add_argument("--query_batch_size", type=positive_int, default=8, help="gradient_index.py query's --query_batch_size (default: 8).")
     agreement.add_argument("--overwrite", action="store_true", help="Pass --overwrite to gradient_index.py (an index or scores of other settings are replaced).")
+    agreement.add_argument("--retrainings", type=Path, help="validation.trained_digits' cached LDS retrainings (data/trained_digits/lds) of the exact scores' model, images and queries: adds the LDS of the index's and the exact scores.")
     agreement.add_argument("--scores_root", type=Path, help="Folder for the index's score folders (default: beside the index, gradient_index.py's own default).")
     figure = commands.add_parser("figure", help="Draw the agreement curve from --json.")
     figure.add_argument("--figure", type=Path, default=DEFAULT_FIGURE, help=f"Where the figure goes (default: {DEFAULT_FIGURE}).")

@@ -100,9 +100,9 @@ def exact(dataset, tmp_path_factory):
         for strategy in ("identity", "ekfac"):
             analyze_in_process(monkeypatch, dataset, output_dir, "--factor_strategy", strategy, "--damping_factor", "heuristic")
             scores[strategy] = _scores(naming.pairwise_scores_path(output_dir, "imagenet", strategy))
-        for normalization in ("relative", "cosine"):
-            analyze_in_process(monkeypatch, dataset, output_dir, "--factor_strategy", "ekfac", "--damping_factor", "heuristic", "--score_normalization", normalization)
-            scores[f"ekfac_{normalization}"] = _scores(naming.pairwise_scores_path(output_dir, "imagenet", f"ekfac_{normalization}"))
+        for strategy, normalization in (("ekfac", "relative"), ("ekfac", "cosine"), ("kfac", "relative")):
+            analyze_in_process(monkeypatch, dataset, output_dir, "--factor_strategy", strategy, "--damping_factor", "heuristic", "--score_normalization", normalization)
+            scores[f"{strategy}_{normalization}"] = _scores(naming.pairwise_scores_path(output_dir, "imagenet", f"{strategy}_{normalization}"))
     return output_dir, scores
 
 
@@ -201,18 +201,21 @@ def test_float16_overflow_names_bfloat16():
 # ------------------------------------------------------------------------------ against analyze.py
 
 
-@pytest.mark.parametrize("strategy, normalization", [("identity", "none"), ("ekfac", "none"), ("ekfac", "relative"), ("ekfac", "cosine")])
-def test_index_scores_equal_analyze_scores_without_projection(exact, dataset, tiny_model, strategy, normalization):
+@pytest.mark.parametrize("basis, strategy, normalization", [
+    ("ekfac", "identity", "none"), ("ekfac", "ekfac", "none"), ("ekfac", "ekfac", "relative"), ("ekfac", "ekfac", "cosine"), ("kfac", "kfac", "relative"),
+])
+def test_index_scores_equal_analyze_scores_without_projection(exact, dataset, tiny_model, basis, strategy, normalization):
     """index_dim above every layer side: the compressed gradients are the full gradients rotated into the
-    EKFAC eigenbasis, stored in float32 in 3 shards, and the query side's preconditioning is kronfluence's
-    own, so the scores are analyze.py's within float32 summation order; so are the relative and cosine
-    scores, whose self-influences the index computes from its shards and the lambda factors alone."""
+    EKFAC (or KFAC) eigenbasis, stored in float32 in 3 shards, and the query side's preconditioning is
+    kronfluence's own, so the scores are analyze.py's within float32 summation order; so are the relative
+    and cosine scores, whose self-influences the index computes from its shards and kronfluence's lambda
+    (EKFAC's fitted one, KFAC's products of eigenvalues) alone."""
     output_dir, scores = exact
-    directory = gradient_index.main(_build(dataset, output_dir))
-    assert directory == gradient_index.index_dir(output_dir, "imagenet", "ekfac", WHOLE)
+    directory = gradient_index.main([*_build(dataset, output_dir), "--basis", basis])
+    assert directory == gradient_index.index_dir(output_dir, "imagenet", basis, WHOLE)
     assert [_shape(path)[0] for path in sorted(directory.glob("shard_*.safetensors"))] == [3, 3, 2]
-    path = gradient_index.main([*_query(dataset, output_dir), "--factor_strategy", strategy, "--num_queries", "2", "--score_normalization", normalization])
-    assert path == gradient_index.index_scores_dir(output_dir, "imagenet", "ekfac", WHOLE, strategy, normalization) / naming.PAIRWISE_SCORES_FILE
+    path = gradient_index.main([*_query(dataset, output_dir), "--basis", basis, "--factor_strategy", strategy, "--num_queries", "2", "--score_normalization", normalization])
+    assert path == gradient_index.index_scores_dir(output_dir, "imagenet", basis, WHOLE, strategy, normalization) / naming.PAIRWISE_SCORES_FILE
     got = _scores(path)
     expected = scores[strategy if normalization == "none" else f"{strategy}_{normalization}"]
     assert got.dtype == torch.float32 and got.shape == expected.shape == (2, 8)

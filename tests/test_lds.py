@@ -62,3 +62,21 @@ def test_retrainings_are_cached_and_retrained_for_another_record(tmp_path):
     assert len(calls) == 4  # another training record: retrained
     lds.measured_margins(jobs[:1], lds.draw_subsets(6, 2, seed=1), tmp_path, {"epochs": 4}, train_and_measure)
     assert len(calls) == 5  # another subset under the same file name: retrained
+
+
+def test_cached_margins_read_back_the_seeds_retrainings_and_refuse_other_images_or_queries(tmp_path):
+    masks = lds.draw_subsets(6, 3, seed=0)
+
+    def train_and_measure(mask, seed):
+        return torch.tensor([float(np.flatnonzero(mask).sum()), float(seed)])
+
+    jobs = [lds.Retraining(0, 0), lds.Retraining(1, 0), lds.Retraining(2, 0), lds.Retraining(0, 1)]
+    measured = lds.measured_margins(jobs, masks, tmp_path, {"epochs": 10}, train_and_measure)
+    read_masks, margins = lds.cached_margins(tmp_path, 6, 2, seed=0)
+    assert np.array_equal(read_masks, masks) and np.array_equal(margins, measured[:3])  # the second seed's is not one of them
+    with pytest.raises(ValueError, match="is not a retraining of these 8 training images and 2 queries"):
+        lds.cached_margins(tmp_path, 8, 2, seed=0)
+    with pytest.raises(ValueError, match="is not a retraining of these 6 training images and 3 queries"):
+        lds.cached_margins(tmp_path, 6, 3, seed=0)
+    with pytest.raises(ValueError, match="no LDS retrainings in"):
+        lds.cached_margins(tmp_path / "empty", 6, 2, seed=0)

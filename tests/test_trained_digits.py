@@ -91,7 +91,7 @@ def test_smallest_run_finds_labels_planted_mislabels_and_reports_lds(tmp_path):
     assert result["mislabel"]["identity"]["planted_above_median"] > 0.5  # most planted mislabels rank above the median
     assert result["mislabel"]["identity"]["auc"] > 0.5
     assert set(result["lds"]) == {"identity", "ekfac", "index8"} and set(result["lds"]["identity"]) == {"none", "relative", "cosine"}
-    assert set(result["lds"]["index8"]) == {"none", "relative"}  # the index's relative scores cost no self-influence pass
+    assert set(result["lds"]["index8"]) == {"none"}
     index = result["gradient_index"]
     assert set(index["against_exact_ekfac"]) == {"none"}  # this run computes no exact relative EKFAC
     assert 0.1 < index["against_exact_ekfac"]["none"]["Spearman"] < 1  # an approximation of the exact scores, not noise

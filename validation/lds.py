@@ -16,7 +16,7 @@ import hashlib
 import json
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -131,3 +131,20 @@ def measured_margins(
                 rows.append([float(m) for m in margins.tolist()])
             progress.update(1)
     return np.asarray(rows, dtype=np.float64)
+
+
+def cached_margins(cache_dir: Path, num_train: int, num_queries: int, seed: int) -> Tuple[np.ndarray, np.ndarray]:
+    """The subsets and margins (subsets x queries) of every retraining from `seed` that `measured_margins`
+    cached in `cache_dir`, subsets 0, 1, ... as long as they exist, for scoring other score files against
+    the same retrainings; each file is checked to hold the subset `draw_subsets` gives and `num_queries`
+    margins. One line (ValueError) if there is none or one does not match."""
+    rows = []
+    while Retraining(len(rows), seed).path(cache_dir).is_file():
+        rows.append(json.loads(Retraining(len(rows), seed).path(cache_dir).read_text()))
+    if not rows:
+        raise ValueError(f"no LDS retrainings in {cache_dir}: run `python -m validation.trained_digits` first")
+    masks = draw_subsets(num_train, len(rows), seed)
+    for subset, row in enumerate(rows):
+        if row["record"].get("kept_sha256") != kept_fingerprint(masks[subset]) or len(row["margins"]) != num_queries:
+            raise ValueError(f"{Retraining(subset, seed).path(cache_dir)} is not a retraining of these {num_train} training images and {num_queries} queries")
+    return masks, np.asarray([row["margins"] for row in rows], dtype=np.float64)

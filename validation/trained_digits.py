@@ -57,7 +57,9 @@ BOOTSTRAP_RESAMPLES = 1000
 TOP_FRACTION = 0.1  # kronfluence's mislabel measure: the share of planted mislabels in the top 10% of self-influence
 NORMALIZED = naming.NORMALIZATIONS[1:]
 RELATIVE = NORMALIZED[0]
-FULL_MINUTES, QUICK_MINUTES = 95, 15  # measured wall-clock on 2 cores, from nothing (docs/validation.md)
+# Wall-clock on 2 cores from nothing (docs/validation.md): measured 96 and 14 before the gradient index
+# steps, which add about 6 and 3 minutes (their measured query passes: 1.7-2.1 s per query).
+FULL_MINUTES, QUICK_MINUTES = 101, 17
 PROBE_NAME = "probe"  # a file name inside each output folder: check_writable checks its folder
 
 
@@ -76,7 +78,8 @@ class RunSize:
     self_influence_strategies: Sequence[str]  # listed by top_influences.py --self
     lds_subsets: int  # random halves of the training set, each retrained once (seed SEED)
     lds_ceiling_subsets: int  # the first of them retrained again from seed SEED + 1, for the noise ceiling
-    index_dim: int  # gradient_index.py's EKFAC-basis index: raw and relative EKFAC scores from it, beside the exact ones
+    index_dim: int  # gradient_index.py's EKFAC-basis index: EKFAC scores from it, beside the exact ones
+    index_normalizations: Sequence[str]  # which of them (each is one query pass, about 1.7 s per query on 2 cores)
 
 
 FULL = RunSize(
@@ -94,6 +97,7 @@ FULL = RunSize(
     lds_subsets=32,
     lds_ceiling_subsets=4,
     index_dim=32,
+    index_normalizations=(naming.NO_NORMALIZATION, naming.NORMALIZATIONS[1]),
 )
 QUICK = dataclasses.replace(
     FULL,
@@ -121,6 +125,7 @@ TEST = dataclasses.replace(
     lds_subsets=4,
     lds_ceiling_subsets=1,
     index_dim=8,
+    index_normalizations=(naming.NO_NORMALIZATION,),  # relative from the index: tests/test_gradient_index.py
 )
 
 
@@ -245,11 +250,11 @@ def index_path(output_dir: Path, size: RunSize, normalization: str) -> Path:
 
 def run_index(steps: Steps, argv: List[str], size: RunSize, num_queries: int) -> None:
     """gradient_index.py on the trained model: an index of every training image in the EKFAC eigenbasis
-    (size.index_dim), then the queries' raw and relative EKFAC scores from it (no pass over the training
-    images; the relative scores' self-influence comes from the index itself)."""
+    (size.index_dim), then the queries' EKFAC scores from it for each of size.index_normalizations (no
+    pass over the training images; the relative scores' self-influence comes from the index itself)."""
     index = [*argv, "--index_dim", str(size.index_dim)]
     steps.run("gradient_index.py", "build", *index, "--train_batch_size", str(ANALYSIS_BATCH_SIZE))
-    for normalization in (naming.NO_NORMALIZATION, RELATIVE):
+    for normalization in size.index_normalizations:
         steps.run("gradient_index.py", "query", *index, "--damping_factor", "heuristic", "--num_queries", str(num_queries),
                   "--query_batch_size", str(min(num_queries, QUERY_BATCH_SIZE)), "--score_normalization", normalization)
 
@@ -261,7 +266,7 @@ def index_agreement(exact: Dict[str, torch.Tensor], index: Dict[str, torch.Tenso
     for normalization, scores in index.items():
         if normalization not in exact:
             continue
-        rows = [row_statistics(full, approximate) for full, approximate in zip(exact[normalization], scores)]
+        rows = [row_statistics(full.numpy(), approximate.numpy()) for full, approximate in zip(exact[normalization], scores)]
         result[normalization] = {name: float(np.nanmean([row[name] for row in rows])) for name in (SPEARMAN, overlap_name(TOP_K))}
     return result
 
@@ -440,7 +445,7 @@ def validate(size: RunSize, work_dir: Path, output_dir: Path, figure_dir: Path) 
                    for normalization in naming.NORMALIZATIONS if normalization == naming.NO_NORMALIZATION or strategy in size.normalized_strategies}
         for strategy in sorted(size.strategies, key=STRATEGIES.index)
     }
-    index = {normalization: load_scores(index_path(output_dir, size, normalization)) for normalization in (naming.NO_NORMALIZATION, RELATIVE)}
+    index = {normalization: load_scores(index_path(output_dir, size, normalization)) for normalization in size.index_normalizations}
     agreement = index_agreement(pairwise["ekfac"], index)
     pairwise[index_label(size)] = index
     # Self-influence of every training image, from the normalisations' pass: every strategy on the same images.
