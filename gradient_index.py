@@ -551,6 +551,7 @@ def run_query(args: argparse.Namespace) -> Path:
         raise UserError(f"the gradient index in {directory} has other layers than this model; rebuild it with `{PROG} build --overwrite`")
     settings = AnalysisSettings(
         strategy=args.factor_strategy, query_batch_size=args.query_batch_size, damping_factor=args.damping_factor,
+        score_normalization=args.score_normalization,
         num_workers=args.num_workers, device=device, tf32=args.tf32, output_dir=str(args.output_dir),
         analysis_name=args.analysis_name, seed=args.seed, overwrite=args.overwrite,
     )

@@ -142,6 +142,7 @@ def run_agreement(args: argparse.Namespace) -> Dict[str, Any]:
     results = json.loads(args.json.read_text()) if args.json.is_file() else {}
     run = results.setdefault("runs", {}).setdefault(run_key(record["settings"]["analysis_name"], args.basis, strategy, normalization), {})
     entry = run.setdefault("dims", {}).setdefault(str(args.index_dim), {})
+    entry.clear()  # nothing of an earlier measurement (another dtype, retrainings, exact folder) is kept beside this one
     handler = _Timings()  # a reused index or score file logs no timings: the earlier ones are kept
     logging.getLogger("gradient_index").addHandler(handler)
     directory = gradient_index.index_dir(record["settings"]["output_dir"], record["settings"]["analysis_name"], args.basis, args.index_dim)

@@ -3,6 +3,7 @@ of retrainings (reused for the same record, retrained for another)."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -80,3 +81,12 @@ def test_cached_margins_read_back_the_seeds_retrainings_and_refuse_other_images_
         lds.cached_margins(tmp_path, 6, 3, seed=0)
     with pytest.raises(ValueError, match="no LDS retrainings in"):
         lds.cached_margins(tmp_path / "empty", 6, 2, seed=0)
+    other = lds.Retraining(2, 0).path(tmp_path)
+    cached = json.loads(other.read_text())
+    cached["record"]["epochs"] = 4
+    other.write_text(json.dumps(cached))
+    with pytest.raises(ValueError, match="subset002_seed0.json was trained otherwise than .*subset000_seed0.json"):
+        lds.cached_margins(tmp_path, 6, 2, seed=0)
+    other.write_text("{}")
+    with pytest.raises(ValueError, match="subset002_seed0.json is not a cached retraining"):
+        lds.cached_margins(tmp_path, 6, 2, seed=0)

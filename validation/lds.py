@@ -137,14 +137,25 @@ def cached_margins(cache_dir: Path, num_train: int, num_queries: int, seed: int)
     """The subsets and margins (subsets x queries) of every retraining from `seed` that `measured_margins`
     cached in `cache_dir`, subsets 0, 1, ... as long as they exist, for scoring other score files against
     the same retrainings; each file is checked to hold the subset `draw_subsets` gives and `num_queries`
-    margins. One line (ValueError) if there is none or one does not match."""
+    margins, and all of them to share one training record (layout, training, preprocessing: the caller
+    must know they are of the model it scores). One line (ValueError) if there is none or one does not
+    match."""
     rows = []
     while Retraining(len(rows), seed).path(cache_dir).is_file():
-        rows.append(json.loads(Retraining(len(rows), seed).path(cache_dir).read_text()))
+        path = Retraining(len(rows), seed).path(cache_dir)
+        try:
+            row = json.loads(path.read_text())
+            row["record"], row["margins"]  # noqa: B018 (both must be there)
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(f"{path} is not a cached retraining (unreadable); rerun `python -m validation.trained_digits`") from None
+        rows.append(row)
     if not rows:
         raise ValueError(f"no LDS retrainings in {cache_dir}: run `python -m validation.trained_digits` first")
     masks = draw_subsets(num_train, len(rows), seed)
+    shared = {key: value for key, value in rows[0]["record"].items() if key not in ("subset", "kept_sha256", "kept")}
     for subset, row in enumerate(rows):
         if row["record"].get("kept_sha256") != kept_fingerprint(masks[subset]) or len(row["margins"]) != num_queries:
             raise ValueError(f"{Retraining(subset, seed).path(cache_dir)} is not a retraining of these {num_train} training images and {num_queries} queries")
+        if {key: value for key, value in row["record"].items() if key not in ("subset", "kept_sha256", "kept")} != shared:
+            raise ValueError(f"{Retraining(subset, seed).path(cache_dir)} was trained otherwise than {Retraining(0, seed).path(cache_dir)}: rerun `python -m validation.trained_digits`")
     return masks, np.asarray([row["margins"] for row in rows], dtype=np.float64)
