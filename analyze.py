@@ -115,24 +115,18 @@ def speed_settings(args: argparse.Namespace) -> Dict[str, Any]:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.demo and args.dataset_dir is not None:
-        parser.error("--demo makes its own dataset; drop --dataset_dir")
-    if not args.demo and args.dataset_dir is None:
-        parser.error("--dataset_dir is required (or --demo for the offline demo)")
-    if args.checkpoint is not None and args.weights is not None:
-        parser.error("--checkpoint and --weights exclude each other")
+    problem = pipeline.check_input_flags(args)
+    if problem:
+        parser.error(problem)
     if args.factor_examples > FACTOR_MAX_EXAMPLES:
         # kronfluence's own cap (covariance_max_examples, lambda_max_examples) would silently keep the first 100,000.
         parser.error(f"--factor_examples {args.factor_examples} is above kronfluence's cap of {FACTOR_MAX_EXAMPLES:,} fitted examples")
     problem = pipeline.check_preprocessing_sizes(args.resize_size, args.crop_size)
     if problem:
         parser.error(problem)
-    if args.query_files is not None and args.query_dir is not None:
-        parser.error("--query_files and --query_dir exclude each other")
-    if (args.query_files is not None or args.query_dir is not None) and args.query_selection != "first":
-        parser.error("--query_selection chooses among validation images; drop it with --query_files or --query_dir")
-    if args.query_files is not None and args.num_queries is not None:
-        parser.error("--query_files names the queries; drop --num_queries")
+    problem = queries.check_choice_flags(args)
+    if problem:
+        parser.error(problem)
     if args.self_influence:
         query_flags = {"--num_queries": args.num_queries, "--query_batch_size": args.query_batch_size,
                        "--query_files": args.query_files, "--query_dir": args.query_dir,
@@ -143,10 +137,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         given = [flag for flag, value in query_flags.items() if value is not None]
         if given:
             parser.error(f"--self_influence scores the training set against itself (full rank); drop {', '.join(given)}")
-    if args.query_files is not None and not args.query_files.is_file():
-        parser.error(f"--query_files {args.query_files} is not a file")
-    if args.query_dir is not None and not args.query_dir.is_dir():
-        parser.error(f"--query_dir {args.query_dir} is not a folder")
+    problem = queries.check_query_paths(args)
+    if problem:
+        parser.error(problem)
     defaults = DEMO_DEFAULTS if args.demo else SEED_DEFAULTS
     chosen_queries = args.query_files is not None or args.query_dir is not None
     for key, value in defaults.items():

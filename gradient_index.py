@@ -188,13 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.demo and args.dataset_dir is not None:
-        parser.error("--demo makes its own dataset; drop --dataset_dir")
-    if not args.demo and args.dataset_dir is None:
-        parser.error("--dataset_dir is required (or --demo for the offline demo)")
-    if args.checkpoint is not None and args.weights is not None:
-        parser.error("--checkpoint and --weights exclude each other")
-    problem = pipeline.check_preprocessing_sizes(args.resize_size, args.crop_size)
+    problem = pipeline.check_input_flags(args) or pipeline.check_preprocessing_sizes(args.resize_size, args.crop_size)
     if problem:
         parser.error(problem)
     defaults = DEMO_DEFAULTS if args.demo else SEED_DEFAULTS
@@ -214,16 +208,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             f"eigenvector basis queried with its own strategy (--basis ekfac --factor_strategy ekfac, or kfac); "
             f"got --basis {args.basis} --factor_strategy {args.factor_strategy}"
         )
-    if args.query_files is not None and args.query_dir is not None:
-        parser.error("--query_files and --query_dir exclude each other")
-    if (args.query_files is not None or args.query_dir is not None) and args.query_selection != "first":
-        parser.error("--query_selection chooses among validation images; drop it with --query_files or --query_dir")
-    if args.query_files is not None and args.num_queries is not None:
-        parser.error("--query_files names the queries; drop --num_queries")
-    if args.query_files is not None and not args.query_files.is_file():
-        parser.error(f"--query_files {args.query_files} is not a file")
-    if args.query_dir is not None and not args.query_dir.is_dir():
-        parser.error(f"--query_dir {args.query_dir} is not a folder")
+    problem = queries.check_choice_flags(args) or queries.check_query_paths(args)
+    if problem:
+        parser.error(problem)
     if args.num_queries is None and args.query_files is None and args.query_dir is None:
         args.num_queries = defaults["num_queries"]
     if not hasattr(args, "damping_factor"):

@@ -84,6 +84,18 @@ def weights_preprocessing(weights_name: str) -> Preprocessing:
     return Preprocessing(preset.resize_size[0], preset.crop_size[0], preset.interpolation.value)
 
 
+def check_input_flags(args: Any) -> Optional[str]:
+    """What is wrong with the data and model flags analyze.py and gradient_index.py share (None if
+    nothing): --demo or --dataset_dir, exactly one; --checkpoint and --weights, at most one."""
+    if args.demo and args.dataset_dir is not None:
+        return "--demo makes its own dataset; drop --dataset_dir"
+    if not args.demo and args.dataset_dir is None:
+        return "--dataset_dir is required (or --demo for the offline demo)"
+    if args.checkpoint is not None and args.weights is not None:
+        return "--checkpoint and --weights exclude each other"
+    return None
+
+
 def check_preprocessing_sizes(resize_size: Optional[int], crop_size: Optional[int]) -> Optional[str]:
     """What is wrong with explicit --resize_size/--crop_size (None if nothing): each at least MIN_IMAGE_SIZE
     (ResNet-50 halves an image five times), and the crop no larger than the resized image."""

@@ -184,6 +184,27 @@ def recorded_queries(record: Optional[Dict[str, Any]], val: Optional[data.Datase
     return pipeline.ImageList(root, samples, classes, preprocessing.transform()), chosen["label_source"]
 
 
+def check_choice_flags(args: Any) -> Optional[str]:
+    """What is wrong with how the query flags combine (None if nothing): --query_files or --query_dir,
+    not both; neither with --query_selection, --query_files not with --num_queries."""
+    if args.query_files is not None and args.query_dir is not None:
+        return "--query_files and --query_dir exclude each other"
+    if (args.query_files is not None or args.query_dir is not None) and args.query_selection != "first":
+        return "--query_selection chooses among validation images; drop it with --query_files or --query_dir"
+    if args.query_files is not None and args.num_queries is not None:
+        return "--query_files names the queries; drop --num_queries"
+    return None
+
+
+def check_query_paths(args: Any) -> Optional[str]:
+    """Whether --query_files is a file and --query_dir a folder (None if so, or not given)."""
+    if args.query_files is not None and not args.query_files.is_file():
+        return f"--query_files {args.query_files} is not a file"
+    if args.query_dir is not None and not args.query_dir.is_dir():
+        return f"--query_dir {args.query_dir} is not a folder"
+    return None
+
+
 def add_to_provenance(provenance: Dict[str, Any], query_record: Dict[str, Any]) -> None:
     """Adds the query choice to records.dataset_provenance's result, as every score writer keys it: a
     selection other than upstream's `first` (recorded by its absence: older results stay valid) and
