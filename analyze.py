@@ -1,12 +1,12 @@
 """The driver, the file to open first: the command line, the settings it resolves to, and `run`, which
-builds the model and the data (pipeline.py), wraps them in kronfluence (task.py), fits the factors
-(factors.py) and computes pairwise scores between the query images (validation images chosen by
-queries.py, or a folder of the user's own) and every
-training image (scoring.py; full rank, or low-rank query gradients with query batching; float32 or
-bfloat16), or with `--self_influence` the self-influence score of every training image instead. Finished
-factors and scores are reused when the same command is run again; results computed with other settings
-are never mixed in silently (records.py). `--demo` runs the whole pipeline offline on generated images.
-One driver for one process and for torchrun (distributed.py)."""
+builds the model and the data (pipeline.py), wraps them in kronfluence (influence/analysis/task.py), fits
+the factors (analysis/factors.py) and computes pairwise scores between the query images (validation images
+chosen by data/queries.py, or a folder of the user's own) and every training image (analysis/scoring.py;
+full rank, or low-rank query gradients with query batching; float32 or bfloat16), or with
+`--self_influence` the self-influence score of every training image instead. Finished factors and scores
+are reused when the same command is run again; results computed with other settings are never mixed in
+silently (results/records.py). `--demo` runs the whole pipeline offline on generated images. One driver
+for one process and for torchrun (runtime/distributed.py)."""
 
 from __future__ import annotations
 
@@ -24,25 +24,29 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 from torch.utils import data
 
-import demo
-import distributed
-import hardware
-import layouts
-import locking
-import queries
-import naming
 import pipeline
-import preflight
-from cli import HEURISTIC_DAMPING, UserError, damping_factor, non_negative_int, positive_int, setup_logging, user_errors
-from factors import FACTOR_PARTITION_EXAMPLES, fit_factors
-from normalization import compute_normalized_scores
-from records import dataset_provenance, discard_torn_files, model_source, write_failure
-from scoring import SCORE_PARTITION_EXAMPLES, compute_scores, compute_self_scores, load_scores, scores_shape
-from settings import (
-    CHANNELS_LAST_CHOICES, DEFAULT_TF32, DEMO_DEFAULTS, FACTOR_MAX_EXAMPLES, FULL_RANK, SEED_DEFAULTS, STRATEGIES,
-    TF32_CHOICES, AnalysisSettings, rank_argument, set_tf32,
+from influence.analysis.factors import FACTOR_PARTITION_EXAMPLES, fit_factors
+from influence.analysis.normalization import compute_normalized_scores
+from influence.analysis.scoring import SCORE_PARTITION_EXAMPLES, compute_scores, compute_self_scores, load_scores, scores_shape
+from influence.analysis.settings import (
+    CHANNELS_LAST_CHOICES,
+    DEFAULT_TF32,
+    DEMO_DEFAULTS,
+    FACTOR_MAX_EXAMPLES,
+    FULL_RANK,
+    SEED_DEFAULTS,
+    STRATEGIES,
+    TF32_CHOICES,
+    AnalysisSettings,
+    rank_argument,
+    set_tf32,
 )
-from task import make_analyzer
+from influence.analysis.task import make_analyzer
+from influence.data import demo, images, layouts, queries
+from influence.results import locking, naming, preflight
+from influence.results.records import dataset_provenance, discard_torn_files, model_source, write_failure
+from influence.runtime import distributed, hardware
+from influence.runtime.cli import HEURISTIC_DAMPING, UserError, damping_factor, non_negative_int, positive_int, setup_logging, user_errors
 
 logger = logging.getLogger("analyze")
 
@@ -241,9 +245,9 @@ def run(args: argparse.Namespace, layout: distributed.Layout) -> Dict[str, Path]
     num_queries = len(query_dataset)
     distributed.on_main(layout, lambda: preflight.check_resources(model, settings, len(train_dataset), num_queries, args.self_influence, 2 if args.demo else 1))
     if args.check_images:
-        paths = pipeline.image_paths([train_dataset, query_dataset])
-        unreadable = pipeline.unreadable_images(paths[layout.rank :: layout.world_size], settings.num_workers)
-        pipeline.raise_if_unreadable(distributed.gather_lists(layout, unreadable), len(paths))
+        paths = images.image_paths([train_dataset, query_dataset])
+        unreadable = images.unreadable_images(paths[layout.rank :: layout.world_size], settings.num_workers)
+        images.raise_if_unreadable(distributed.gather_lists(layout, unreadable), len(paths))
         logger.info("all %d images can be read", len(paths))
     # Rank 0 stats every file (1.28M on ImageNet) and hashes the checkpoint, once; the others are told.
     provenance = distributed.on_main(layout, lambda: dataset_provenance(train_dataset, query_dataset, model_source(weights, args.checkpoint)))

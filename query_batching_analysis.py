@@ -12,25 +12,23 @@ import argparse
 import json
 import logging
 import math
-import warnings
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
-from scipy.stats import ConstantInputWarning, pearsonr, spearmanr
-from tqdm import tqdm
 
-from cli import UserError, non_negative_int, positive_int, setup_logging, user_errors
-from naming import (
+from influence.analysis.agreement import PEARSON, SPEARMAN, TOP_K, compare, format_table, summarize
+from influence.results.naming import (
     DEFAULT_ANALYSIS_NAME,
-    DEMO_ANALYSIS_NAME,
     DEFAULT_OUTPUT_DIR,
+    DEMO_ANALYSIS_NAME,
     NO_NORMALIZATION,
     NORMALIZATIONS,
     pairwise_scores_path,
     scores_name,
 )
-from score_files import ScoreFile, check_writable, open_score_file, query_choice, read_rows, resolve_scores_path
+from influence.results.score_files import ScoreFile, check_writable, open_score_file, query_choice, resolve_scores_path
+from influence.runtime.cli import UserError, non_negative_int, positive_int, setup_logging, user_errors
 
 PROG = "query_batching_analysis.py"
 logger = logging.getLogger(PROG)
@@ -38,99 +36,11 @@ logger = logging.getLogger(PROG)
 # The seed's two analyze.py commands: EK-FAC in float32, once at full rank and once with rank-32 queries.
 SEED_STRATEGY = "ekfac"
 SEED_LOW_RANK = 32
-TOP_K = (10, 100)
 DEFAULT_NUM_POINTS = 5000
 DEFAULT_FIGURE = Path("figure/query_batching.png")
 # Two blocks of 16 rows of 1,281,167 float32 scores are 164 MB; torch itself takes about 0.65 GB.
 DEFAULT_ROWS_PER_BLOCK = 16
-LOW_PERCENTILE = 5
 SCATTER_SEED = 0
-
-SPEARMAN = "Spearman"
-PEARSON = "Pearson"
-SUMMARY_FIELDS = ("mean", "median", "minimum", f"{LOW_PERCENTILE}th percentile")
-
-
-def overlap_name(k: int) -> str:
-    return f"top-{k} overlap"
-
-
-STATISTICS = (SPEARMAN, PEARSON) + tuple(overlap_name(k) for k in TOP_K)
-
-
-def top_k_overlap(first: np.ndarray, second: np.ndarray, k: int) -> float:
-    """The fraction of the k largest scores (most helpful training examples) that two rows share; NaN
-    (not defined) when there are no more than k training examples, where it would be 1 whatever the scores."""
-    if first.size <= k:
-        return math.nan
-    first_top = np.argpartition(-first, k - 1)[:k]
-    second_top = np.argpartition(-second, k - 1)[:k]
-    return np.intersect1d(first_top, second_top).size / k
-
-
-def row_statistics(full: np.ndarray, low: np.ndarray) -> Dict[str, float]:
-    """Every statistic for one query; NaN correlations where its scores are constant in either file.
-
-    One row at a time keeps scipy's temporaries to a few row-sized arrays; Pearson is taken in float64
-    because scipy keeps float32 input in float32.
-    """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConstantInputWarning)
-        statistics = {
-            SPEARMAN: float(spearmanr(full, low).statistic),
-            PEARSON: float(pearsonr(full.astype(np.float64), low.astype(np.float64)).statistic),
-        }
-    for k in TOP_K:
-        statistics[overlap_name(k)] = top_k_overlap(full, low, k)
-    return statistics
-
-
-def compare(
-    full: ScoreFile,
-    low: ScoreFile,
-    num_queries: int,
-    rows_per_block: int,
-    scatter_query: int,
-    scatter_train: np.ndarray,
-) -> Tuple[Dict[str, np.ndarray], Tuple[np.ndarray, np.ndarray]]:
-    """Streams both files block by block; returns per-query statistics and the scatter query's sampled scores."""
-    per_query = {name: np.full(num_queries, np.nan) for name in STATISTICS}
-    scatter = (np.empty(0), np.empty(0))
-    with tqdm(total=num_queries, desc="queries", unit="query") as progress:
-        for start in range(0, num_queries, rows_per_block):
-            stop = min(start + rows_per_block, num_queries)
-            full_rows = read_rows(full, start, stop)
-            low_rows = read_rows(low, start, stop)
-            for offset, (full_row, low_row) in enumerate(zip(full_rows, low_rows)):
-                for name, value in row_statistics(full_row, low_row).items():
-                    per_query[name][start + offset] = value
-                progress.update(1)
-            if start <= scatter_query < stop:
-                scatter = (full_rows[scatter_query - start, scatter_train], low_rows[scatter_query - start, scatter_train])
-    return per_query, scatter
-
-
-def summarize(values: np.ndarray) -> Dict[str, Optional[float]]:
-    """Mean, median, minimum and low percentile over the queries where the statistic is defined."""
-    defined = values[np.isfinite(values)]
-    summary: Dict[str, Optional[float]] = {"queries": int(defined.size)}
-    numbers = (
-        (np.mean(defined), np.median(defined), np.min(defined), np.percentile(defined, LOW_PERCENTILE))
-        if defined.size
-        else (None,) * len(SUMMARY_FIELDS)
-    )
-    for field, number in zip(SUMMARY_FIELDS, numbers):
-        summary[field] = None if number is None else float(number)
-    return summary
-
-
-def format_table(summaries: Dict[str, Dict[str, Optional[float]]]) -> str:
-    width = max(len(name) for name in summaries) + 2
-    lines = [f"{'statistic':<{width}}" + "".join(f"{field:>16}" for field in SUMMARY_FIELDS) + f"{'queries':>10}"]
-    for name, summary in summaries.items():
-        cells = "".join(f"{'n/a' if summary[f] is None else f'{summary[f]:.4f}':>16}" for f in SUMMARY_FIELDS)
-        lines.append(f"{name:<{width}}{cells}{summary['queries']:>10}")
-    return "\n".join(lines)
 
 
 def draw_figure(

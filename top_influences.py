@@ -10,42 +10,45 @@ and images are opened only for what is drawn."""
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
-import io
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from kronfluence.utils.constants import SCORE_SAVE_PREFIX
-from PIL import Image
 from torch import nn
 from torch.utils import data
-from torchvision import transforms
-from torchvision.models import ResNet50_Weights
 from tqdm import tqdm
 
-import explorer
-import hardware
-import layouts
-import locking
-import naming
 import pipeline
-from cli import UserError, non_negative_int, positive_int, setup_logging, user_errors
-from queries import LABEL_PREDICTED, recorded_queries
-from records import dataset_provenance, model_source
-from score_files import ScoreFile, check_writable, load_record, open_score_file, read_rows, read_self_scores, recorded_preprocessing
-from settings import FULL_RANK, STRATEGIES, rank_argument
+from influence.analysis.settings import FULL_RANK, STRATEGIES, rank_argument
+from influence.data.queries import LABEL_PREDICTED, recorded_queries
+from influence.explorer import page as explorer
+from influence.explorer.figures import draw_query_figure, draw_self_figure
+from influence.model.inference import predict, predict_classes, prediction_text
+from influence.results import locking, naming
+from influence.results.records import model_source
+from influence.results.score_files import check_writable, load_record, open_score_file, read_self_scores, recorded_preprocessing
+from influence.results.top_k import (
+    CSV_COLUMNS,
+    HARMFUL,
+    HELPFUL,
+    SELF_CSV_COLUMNS,
+    check_same_images,
+    class_names,
+    describe,
+    entry,
+    stream_top_k,
+    write_csv,
+)
+from influence.runtime import hardware
+from influence.runtime.cli import UserError, non_negative_int, positive_int, setup_logging, user_errors
 
 PROG = "top_influences.py"
 logger = logging.getLogger(PROG)
 
-HELPFUL, HARMFUL = "helpful", "harmful"
-CSV_COLUMNS = ("query_index", "query_path", "query_label", "query_label_source", "kind", "rank", "train_index", "train_path", "label", "score")
-SELF_CSV_COLUMNS = ("rank", "train_index", "train_path", "label", "score")
 DEFAULT_TOP_K = 10
 DEFAULT_FIGURE_TOP_K = 5
 DEFAULT_SELF_FIGURE_TOP_K = 20
@@ -55,35 +58,11 @@ DEFAULT_ROWS_PER_BLOCK = 16
 MAX_THUMBNAIL_WORKERS = 8
 # The explorer's self-influence page lists this many training images, highest first.
 EXPLORER_SELF_TOP_K = 100
-# Figure geometry, in inches at DPI: each cell is an image with its caption above and a gap beside it,
-# and a title band tops the figure. Axes are placed by hand (no tight bounding box), so the PNG's size in
-# pixels follows from the number of cells alone.
-IMAGE_INCHES = 1.6
-CAPTION_INCHES = 0.62
-GAP_INCHES = 0.12
-TITLE_INCHES = 0.4
-DPI = 100
-# Saved with an adaptive palette: a quarter of the bytes of full colour, plenty for thumbnails.
-PALETTE_COLOURS = 256
-SELF_GRID_COLUMNS = 5
-LABEL_WIDTH = 28  # characters of a label shown under an image
 # What the explorer's pages say of rescaled scores (analyze.py --score_normalization; raw scores: nothing).
 NORMALIZATION_NOTES = dict(zip(naming.NORMALIZATIONS[1:], (
     "relative influence: each score divided by the square root of the training image's self-influence",
     "cosine influence: each score divided by the square roots of the training image's and the query's self-influence",
 )))
-
-
-@dataclass(frozen=True)
-class Example:
-    """One image as the outputs name it."""
-
-    index: int
-    path: str
-    label: str
-
-
-# ------------------------------------------------------------------------------------------ scores
 
 
 def parse_queries(text: str) -> List[int]:
@@ -97,71 +76,6 @@ def parse_queries(text: str) -> List[int]:
     if len(set(values)) != len(values):
         raise argparse.ArgumentTypeError(f"lists a query twice: {text!r}")
     return values
-
-
-def stream_top_k(
-    score_file: ScoreFile, queries: Sequence[int], k: int, rows_per_block: int
-) -> Dict[int, Dict[str, Tuple[List[float], List[int]]]]:
-    """For each query, the k highest (helpful) and k lowest (harmful) scores and their training indices,
-    best first. Only blocks of rows holding a chosen query are read, one block at a time."""
-    wanted = set(queries)
-    k = min(k, score_file.num_train)
-    found: Dict[int, Dict[str, Tuple[List[float], List[int]]]] = {}
-    with tqdm(total=len(wanted), desc="top-k", unit="query") as progress:
-        for start in range(0, score_file.num_queries, rows_per_block):
-            stop = min(start + rows_per_block, score_file.num_queries)
-            chosen = [q for q in range(start, stop) if q in wanted]
-            if not chosen:
-                continue
-            rows = torch.from_numpy(read_rows(score_file, start, stop))[[q - start for q in chosen]]
-            helpful = torch.topk(rows, k, dim=1)
-            harmful = torch.topk(rows, k, dim=1, largest=False)
-            for position, query in enumerate(chosen):
-                found[query] = {
-                    HELPFUL: (helpful.values[position].tolist(), helpful.indices[position].tolist()),
-                    HARMFUL: (harmful.values[position].tolist(), harmful.indices[position].tolist()),
-                }
-            progress.update(len(chosen))
-    return found
-
-
-# ------------------------------------------------------------------------------------ datasets, model
-
-
-def class_names(classes: Sequence[str], dataset_dir: Optional[Path] = None) -> List[str]:
-    """`wnid readable name` from the dataset's devkit or Kaggle synset mapping where it has one, else from
-    torchvision's weights' metadata when the folder has its 1,000 ImageNet classes (available without
-    downloading the weights), else the folder names."""
-    readable = layouts.readable_names(layouts.find_layout(dataset_dir)) if dataset_dir is not None else {}
-    if readable:
-        return [f"{wnid} {readable[wnid]}" if wnid in readable else wnid for wnid in classes]
-    categories = ResNet50_Weights[pipeline.DEFAULT_WEIGHTS].meta["categories"]
-    if len(classes) != len(categories):
-        return list(classes)
-    return [f"{wnid} {name}" for wnid, name in zip(classes, categories)]
-
-
-def describe(dataset: data.Dataset, names: Sequence[str], position: int) -> Example:
-    path, label = pipeline.example_path(dataset, position)
-    return Example(index=position, path=path, label=names[label])
-
-
-def check_same_images(
-    record: Optional[Dict[str, Any]], train: data.Dataset, queries: data.Dataset, dataset_dir: Path, self_influence: bool
-) -> None:
-    """The dataset's images and labels are those the scores were computed on, by analyze.py's own
-    fingerprint of them (whatever it covers), compared key by key with what the score folder recorded."""
-    if record is None:
-        return
-    provenance = dataset_provenance(train, queries, model_source="")
-    current = provenance["train" if self_influence else "query"]
-    saved = record.get("depends_on", {})
-    changed = [key for key in sorted(current) if key != "model" and key in saved and saved[key] != current[key]]
-    if changed:
-        raise UserError(
-            f"the images in {dataset_dir} are not those the scores were computed on ({', '.join(changed)} differ "
-            f"from {naming.RUN_CONFIG_FILE}); pass the --dataset_dir that analyze.py used"
-        )
 
 
 def model_for_predictions(args: argparse.Namespace, record: Optional[Dict[str, Any]]) -> Optional[nn.Module]:
@@ -201,107 +115,6 @@ def _build_model_for_predictions(args: argparse.Namespace, record: Optional[Dict
     raise UserError(
         f"the scores were computed with a checkpoint ({source}) that is no longer at {recorded}; pass --checkpoint PATH"
     )
-
-
-def predict_classes(model: nn.Module, dataset: data.Dataset, positions: Sequence[int]) -> Dict[int, Tuple[int, float]]:
-    """The model's top class and its probability for each example (evaluation transform), on the GPU when
-    there is one."""
-    return dict(zip(positions, pipeline.top_classes(model, dataset, positions)))
-
-
-def predict(model: nn.Module, dataset: data.Dataset, positions: Sequence[int], names: Sequence[str]) -> Dict[int, str]:
-    """`class name (probability)` of the model's top class for each example (evaluation transform)."""
-    return {position: _prediction_text(found, names) for position, found in predict_classes(model, dataset, positions).items()}
-
-
-def _prediction_text(found: Tuple[int, float], names: Sequence[str]) -> str:
-    index, value = found
-    name = names[index] if index < len(names) else f"output {index}"
-    return f"{name} ({value:.2f})"
-
-
-# ------------------------------------------------------------------------------------------ figures
-
-
-def figure_size_pixels(rows: int, columns: int) -> Tuple[int, int]:
-    """(width, height) of a figure of rows x columns cells."""
-    width = columns * (IMAGE_INCHES + GAP_INCHES)
-    height = rows * (IMAGE_INCHES + CAPTION_INCHES) + TITLE_INCHES
-    return round(width * DPI), round(height * DPI)
-
-
-def _shown(text: str) -> str:
-    return text if len(text) <= LABEL_WIDTH else text[: LABEL_WIDTH - 1] + "…"
-
-
-def draw_grid(path: Path, cells: List[List[Optional[Tuple[str, str]]]], title: str, view: transforms.Compose) -> None:
-    """Saves a grid of images: `cells[row][column]` is (image file, caption) or None for an empty cell.
-    Images are shown as the model saw them: `view` resizes and centre-crops them (Preprocessing.view)."""
-    import matplotlib  # pylint: disable=import-outside-toplevel
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-
-    rows, columns = len(cells), max(len(row) for row in cells)
-    width, height = (size / DPI for size in figure_size_pixels(rows, columns))
-    figure = plt.figure(figsize=(width, height), dpi=DPI)
-    for row, row_cells in enumerate(cells):
-        for column, cell in enumerate(row_cells):
-            if cell is None:
-                continue
-            left = column * (IMAGE_INCHES + GAP_INCHES) + GAP_INCHES / 2
-            bottom = height - TITLE_INCHES - (row + 1) * (IMAGE_INCHES + CAPTION_INCHES)
-            axes = figure.add_axes((left / width, bottom / height, IMAGE_INCHES / width, IMAGE_INCHES / height))
-            axes.set_xticks([])
-            axes.set_yticks([])
-            image_path, caption = cell
-            with Image.open(image_path) as image:
-                axes.imshow(view(image.convert("RGB")))
-            axes.set_title(caption, fontsize=6.5)
-    figure.suptitle(title, fontsize=8.5, y=1 - 0.1 / height, va="top")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    figure.savefig(buffer, dpi=DPI, format="png")
-    plt.close(figure)
-    with Image.open(buffer) as rendered:
-        rendered.convert("RGB").quantize(colors=PALETTE_COLOURS, dither=Image.Dither.NONE).save(path, format="PNG", optimize=True)
-
-
-def _caption(heading: str, example: Example, score: float) -> str:
-    return f"{heading}: train #{example.index}\n{_shown(example.label)}\nscore {score:.4g}"
-
-
-def draw_query_figure(
-    path: Path, query: Example, prediction: Optional[str], ranked: Dict[str, List[Tuple[Example, float]]], scores_label: str,
-    view: transforms.Compose,
-) -> None:
-    """Row 1: the query, then its most helpful training images; row 2: its most harmful ones."""
-    query_caption = f"query {query.index}\nlabel {_shown(query.label)}"
-    query_caption += f"\npred. {_shown(prediction)}" if prediction else ""
-    cells: List[List[Optional[Tuple[str, str]]]] = [
-        [(query.path, query_caption)] + [(e.path, _caption(f"helpful {r}", e, s)) for r, (e, s) in enumerate(ranked[HELPFUL], 1)],
-        [None] + [(e.path, _caption(f"harmful {r}", e, s)) for r, (e, s) in enumerate(ranked[HARMFUL], 1)],
-    ]
-    no_negative = all(score >= 0 for _, score in ranked[HARMFUL])
-    draw_grid(path, cells, f"query {query.index} ({Path(query.path).name}), `{scores_label}` scores: most helpful "
-              f"(top row) and most harmful (bottom row{': no score is negative, so these helped least' if no_negative else ''})", view)
-
-
-def draw_self_figure(
-    path: Path, ranked: List[Tuple[Example, float]], predictions: Dict[int, str], scores_label: str, view: transforms.Compose
-) -> None:
-    cells: List[List[Optional[Tuple[str, str]]]] = []
-    for rank, (example, score) in enumerate(ranked, 1):
-        if (rank - 1) % SELF_GRID_COLUMNS == 0:
-            cells.append([])
-        caption = _caption(f"rank {rank}", example, score)
-        if example.index in predictions:
-            caption += f"\npred. {_shown(predictions[example.index])}"
-        cells[-1].append((example.path, caption))
-    draw_grid(path, cells, f"highest self-influence (`{scores_label}`): candidates for mislabelled or atypical images", view)
-
-
-# ----------------------------------------------------------------------------------------------- CLI
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -358,7 +171,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.analysis_name is None:
         args.analysis_name = naming.DEMO_ANALYSIS_NAME if args.demo else naming.DEFAULT_ANALYSIS_NAME
     if args.demo:
-        import demo  # pylint: disable=import-outside-toplevel
+        from influence.data import demo  # pylint: disable=import-outside-toplevel
 
         args.dataset_dir = demo.DEMO_DIR
     return args
@@ -381,17 +194,6 @@ def scores_label(path: Path) -> Tuple[str, str]:
     folder = path.parent.name
     name = folder[len(SCORE_SAVE_PREFIX):] if folder.startswith(SCORE_SAVE_PREFIX) else path.stem
     return path.parent.parent.name or "scores", name
-
-
-def write_csv(path: Path, columns: Sequence[str], rows: Sequence[Dict[str, Any]]) -> None:
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def _entry(rank: int, example: Example, score: float) -> Dict[str, Any]:
-    return {"rank": rank, "train_index": example.index, "train_path": example.path, "label": example.label, "score": score}
 
 
 def run_pairwise(
@@ -429,7 +231,7 @@ def run_pairwise(
     logger.info("top-%d helpful and harmful training images of %d queries from %s", args.top_k, len(queries), path)
     found = stream_top_k(score_file, queries, args.top_k, args.rows_per_block)
     classes = predict_classes(model, query_set, predicted) if model is not None else {}
-    predictions = {position: _prediction_text(value, names) for position, value in classes.items()}
+    predictions = {position: prediction_text(value, names) for position, value in classes.items()}
     analysis_name, name = scores_label(path)
     rows: List[Dict[str, Any]] = []
     entries: List[Dict[str, Any]] = []
@@ -446,7 +248,7 @@ def run_pairwise(
             if label_source != LABEL_PREDICTED:  # a predicted label agrees with the prediction by definition
                 entry["correct"] = classes[query_index][0] == pipeline.example_path(query_set, query_index)[1]
         for kind, examples in ranked.items():
-            entry[kind] = [_entry(rank, example, score) for rank, (example, score) in enumerate(examples, 1)]
+            entry[kind] = [entry(rank, example, score) for rank, (example, score) in enumerate(examples, 1)]
             rows += [{"query_index": query_index, "query_path": query.path, "query_label": query.label,
                       "query_label_source": label_source, "kind": kind, **item} for item in entry[kind]]
         if query_index in drawn and args.figure_top_k:
@@ -494,12 +296,12 @@ def explorer_self_ranking(
 ) -> List[Dict[str, Any]]:
     """The training images with the highest self-influence, with prediction and whether it matches the label."""
     values, indices = torch.topk(scores, min(EXPLORER_SELF_TOP_K, scores.numel()))
-    ranked = [_entry(rank, describe(train, names, index), score) for rank, (score, index) in enumerate(zip(values.tolist(), indices.tolist()), 1)]
+    ranked = [entry(rank, describe(train, names, index), score) for rank, (score, index) in enumerate(zip(values.tolist(), indices.tolist()), 1)]
     classes = predict_classes(model, train, indices.tolist()) if model is not None else {}
     for item in ranked:
         if item["train_index"] in classes:
             found = classes[item["train_index"]]
-            item["prediction"] = _prediction_text(found, names)
+            item["prediction"] = prediction_text(found, names)
             item["correct"] = found[0] == pipeline.example_path(train, item["train_index"])[1]
     return ranked
 
@@ -524,7 +326,7 @@ def run_self(args: argparse.Namespace, path: Path, record: Optional[Dict[str, An
     model = model_for_predictions(args, record) if args.figure_top_k else None
     values, indices = torch.topk(scores, min(args.top_k, scores.numel()))
     ranked = [(describe(train, names, index), score) for score, index in zip(values.tolist(), indices.tolist())]
-    rows = [_entry(rank, example, score) for rank, (example, score) in enumerate(ranked, 1)]
+    rows = [entry(rank, example, score) for rank, (example, score) in enumerate(ranked, 1)]
     write_csv(table, SELF_CSV_COLUMNS, rows)
     figures: List[str] = []
     shown = ranked[: args.figure_top_k]

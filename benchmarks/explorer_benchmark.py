@@ -21,11 +21,11 @@ import numpy as np
 from PIL import Image
 from safetensors.numpy import save_file
 
-import naming
 from benchmarks.query_batching_benchmark import in_own_workdir, report
 from benchmarks.top_influences_benchmark import write_score_file
 from benchmarks.workdir import scratch_folder
-from cli import positive_int
+from influence.results import naming
+from influence.runtime.cli import positive_int
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROG = "explorer_benchmark.py"

@@ -42,7 +42,7 @@ else
 fi
 tee "$out/loadavg.txt" </proc/loadavg  # not uptime: procps is missing from minimal CUDA images
 # Loading is measured with the analysis's own worker count only (0 and 1 workers alone took ~40 s).
-workers="$("$python" -c 'import hardware; print(hardware.default_num_workers())')"
+workers="$("$python" -c 'from influence.runtime import hardware; print(hardware.default_num_workers())')"
 # 270 + 6 x 35 s: stop before 8 minutes whatever happens; a JSON is written only by a finished run.
 timeout 270 "$python" -m benchmarks.benchmark "${device[@]}" "${main_sizes[@]}" --loading_workers "$workers" \
     --workdir "$work/main" --json "$out/benchmark_gpu.json" 2>&1 | tee "$out/benchmark_gpu.txt" \

@@ -29,15 +29,16 @@ import numpy as np
 import torch
 
 import gradient_index
-import hardware
-import naming
 import pipeline
-import projection
-from cli import UserError, positive_int, setup_logging, user_errors
-from query_batching_analysis import SPEARMAN, STATISTICS, overlap_name, row_statistics
-from score_files import open_score_file, read_rows
-from scoring import load_scores
-from task import ClassificationTask
+from influence.analysis.agreement import SPEARMAN, STATISTICS, overlap_name, row_statistics
+from influence.analysis.scoring import load_scores
+from influence.analysis.task import ClassificationTask
+from influence.index import projection
+from influence.index import shards as index_shards
+from influence.results import naming
+from influence.results.score_files import open_score_file, read_rows
+from influence.runtime import hardware
+from influence.runtime.cli import UserError, positive_int, setup_logging, user_errors
 from validation import lds
 from validation.trained_digits import SEED as lds_seed
 
@@ -145,13 +146,13 @@ def run_agreement(args: argparse.Namespace) -> Dict[str, Any]:
     entry.clear()  # nothing of an earlier measurement (another dtype, retrainings, exact folder) is kept beside this one
     handler = _Timings()  # a reused index or score file logs no timings: the earlier ones are kept
     logging.getLogger("gradient_index").addHandler(handler)
-    directory = gradient_index.index_dir(record["settings"]["output_dir"], record["settings"]["analysis_name"], args.basis, args.index_dim)
+    directory = index_shards.index_dir(record["settings"]["output_dir"], record["settings"]["analysis_name"], args.basis, args.index_dim)
     gradient_index.main(["build", *common, *overwrite, "--dtype", args.dtype, "--train_batch_size", str(record["settings"]["train_batch_size"])])
     entry.update(handler.timings)
     handler.timings = {}
     with tempfile.TemporaryDirectory() as scratch:
         started = time.perf_counter()
-        scores_dir = (args.scores_root / gradient_index.index_scores_name(args.basis, args.index_dim, strategy, normalization)) if args.scores_root else None
+        scores_dir = (args.scores_root / index_shards.index_scores_name(args.basis, args.index_dim, strategy, normalization)) if args.scores_root else None
         index_path = gradient_index.main([
             "query", *common, *overwrite, *query_flags(record, Path(scratch)), "--query_batch_size", str(args.query_batch_size),
             *(["--scores_dir", str(scores_dir)] if scores_dir else []),
@@ -323,8 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     agreement = commands.add_parser("agreement", help="Build and query one --index_dim; compare with exact scores.")
     agreement.add_argument("--exact", type=Path, required=True, help="analyze.py's full-rank score folder (or file) to compare with; its run_config.json says the model, data, queries and damping.")
     agreement.add_argument("--index_dim", type=positive_int, required=True, help="gradient_index.py's --index_dim.")
-    agreement.add_argument("--basis", choices=gradient_index.BASES, default=gradient_index.DEFAULT_BASIS, help=f"gradient_index.py's --basis (default: {gradient_index.DEFAULT_BASIS}).")
-    agreement.add_argument("--dtype", choices=tuple(gradient_index.DTYPES), default=gradient_index.DEFAULT_DTYPE, help=f"The index's --dtype (default: {gradient_index.DEFAULT_DTYPE}).")
+    agreement.add_argument("--basis", choices=index_shards.BASES, default=index_shards.DEFAULT_BASIS, help=f"gradient_index.py's --basis (default: {index_shards.DEFAULT_BASIS}).")
+    agreement.add_argument("--dtype", choices=tuple(index_shards.DTYPES), default=index_shards.DEFAULT_DTYPE, help=f"The index's --dtype (default: {index_shards.DEFAULT_DTYPE}).")
     agreement.add_argument("--query_batch_size", type=positive_int, default=8, help="gradient_index.py query's --query_batch_size (default: 8).")
     agreement.add_argument("--overwrite", action="store_true", help="Pass --overwrite to gradient_index.py (an index or scores of other settings are replaced).")
     agreement.add_argument("--retrainings", type=Path, help="validation.trained_digits' cached LDS retrainings (data/trained_digits/lds) of the exact scores' model, images and queries: adds the LDS of the index's and the exact scores.")

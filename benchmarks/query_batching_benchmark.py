@@ -20,8 +20,8 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import numpy as np
 
 from benchmarks.workdir import own_workdir, scratch_folder
-from cli import user_errors
-from naming import SCORES_KEY, pairwise_scores_path, scores_name
+from influence.results.naming import SCORES_KEY, pairwise_scores_path, scores_name
+from influence.runtime.cli import user_errors
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

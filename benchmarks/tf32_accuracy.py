@@ -27,14 +27,13 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import analyze
-import demo
-import locking
-import naming
 import pipeline
-import query_batching_analysis as comparison
-from cli import UserError, setup_logging, user_errors
-from score_files import check_writable
-from scoring import load_scores
+from influence.analysis import agreement as comparison
+from influence.analysis.scoring import load_scores
+from influence.data import demo, images
+from influence.results import locking, naming
+from influence.results.score_files import check_writable
+from influence.runtime.cli import UserError, setup_logging, user_errors
 
 PROG = "tf32_accuracy.py"
 ROUNDINGS = ("nearest", "truncate")
@@ -124,14 +123,14 @@ def batchnorm_calibrated_checkpoint(analyze_args: argparse.Namespace, output_dir
     per seed and training set (named by both, so a rerun reuses it and its sha256 stays the same)."""
     dataset_dir = demo.make_demo_dataset() if analyze_args.demo else analyze_args.dataset_dir
     train = pipeline.get_imagenet_dataset("train", dataset_dir)
-    fingerprint = pipeline.samples_fingerprint(train)[:12]
+    fingerprint = images.samples_fingerprint(train)[:12]
     path = output_dir / f"resnet50_seed{analyze_args.seed}_batchnorm_from_{fingerprint}.pt"
     if path.is_file():
         return path
     rng = np.random.default_rng(analyze_args.seed)
     chosen = np.sort(rng.choice(len(train), size=min(CALIBRATION_IMAGES, len(train)), replace=False))
-    images = torch.stack([train[int(i)][0] for i in chosen])
-    model = pipeline.calibrate_batchnorm(pipeline.build_model(weights=pipeline.NO_WEIGHTS, seed=analyze_args.seed), images)
+    calibration = torch.stack([train[int(i)][0] for i in chosen])
+    model = pipeline.calibrate_batchnorm(pipeline.build_model(weights=pipeline.NO_WEIGHTS, seed=analyze_args.seed), calibration)
     partial = path.with_suffix(".partial")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -19,10 +19,17 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 
 from benchmarks.query_batching_benchmark import (
-    FULL_NUM_QUERIES, FULL_NUM_TRAIN, MEMORY_BUDGET_BYTES, SAFETENSORS_DTYPES, in_own_workdir, report, safetensors_header, to_bytes,
+    FULL_NUM_QUERIES,
+    FULL_NUM_TRAIN,
+    MEMORY_BUDGET_BYTES,
+    SAFETENSORS_DTYPES,
+    in_own_workdir,
+    report,
+    safetensors_header,
+    to_bytes,
 )
 from benchmarks.workdir import scratch_folder
-from cli import positive_int
+from influence.runtime.cli import positive_int
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,7 +52,7 @@ def write_score_file(path: Path, num_queries: int, num_train: int, dtype: str) -
 
 def measure(path: Path, top_k: int, rows_per_block: int) -> Dict[str, object]:
     """What the child process runs: the top-k of every query, as top_influences.py computes it."""
-    from score_files import open_score_file  # pylint: disable=import-outside-toplevel
+    from influence.results.score_files import open_score_file  # pylint: disable=import-outside-toplevel
     from top_influences import HELPFUL, stream_top_k  # pylint: disable=import-outside-toplevel
 
     score_file = open_score_file(path, "--score_file")

@@ -2,7 +2,7 @@
 benchmark fills and deletes at the end (unless `--keep`). Deleting is only safe for a folder the
 benchmark made, so a given `--workdir` must be new, empty, or one a benchmark made before (it carries
 MARKER); anything else, such as `--workdir influence_results` or `--workdir .`, is refused in one line
-before anything is written or removed. The folder is locked (locking.py) while the benchmark runs."""
+before anything is written or removed. The folder is locked (influence/results/locking.py) while the benchmark runs."""
 
 from __future__ import annotations
 
@@ -12,9 +12,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator, Optional
 
-import locking
-import naming
-from cli import UserError
+from influence.results import locking, naming
+from influence.runtime.cli import UserError
 
 MARKER = ".made_by_benchmark"  # in every folder a benchmark made: a later run may fill and delete it
 

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import analyze  # noqa: E402
 import pipeline  # noqa: E402
-from task import ClassificationTask  # noqa: E402
+from influence.analysis.task import ClassificationTask  # noqa: E402
 
 PHASE_METHODS = {
     "covariance": "fit_covariance_matrices",

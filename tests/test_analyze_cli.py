@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import REPO_ROOT, tiny_counts, write_image_folder
 from safetensors import safe_open
+from small_model_cli import analyze_in_process
 
 import analyze
-import naming
 import pipeline
-from conftest import REPO_ROOT, tiny_counts, write_image_folder
-from small_model_cli import analyze_in_process
+from influence.results import naming
 
 
 def _score_matrix(path: Path) -> torch.Tensor:
@@ -178,7 +178,7 @@ def test_output_dir_that_cannot_be_created_is_one_line(monkeypatch, tmp_path, ca
 
 
 def test_the_device_is_logged_before_any_work_and_a_long_cpu_run_warns(monkeypatch, tmp_path, capsys):
-    import hardware
+    from influence.runtime import hardware
 
     dataset = write_image_folder(tmp_path / "imagenet", tiny_counts())
     monkeypatch.setattr(hardware, "CPU_WARNING_IMAGES", 5)  # the folder's 6 training images count as long

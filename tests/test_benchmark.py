@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import benchmarks.benchmark as benchmark
+from benchmarks import measure
 
 REQUIRED_KEYS = ("phase", "device", "examples_per_s", "peak_host_mb", "flops_per_example", "peak_share")
 
@@ -53,7 +54,7 @@ def test_covariance_flops_are_the_forward_the_output_gradients_and_the_covarianc
     images = torch.randn(1, 3, 224, 224, requires_grad=True)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    with benchmark.FlopCounterMode(display=False) as counter:
+    with measure.FlopCounterMode(display=False) as counter:
         model(images).sum().backward()
     positions = 14 * 14  # the conv's output map: 224 / stride 16
     covariances = 2 * positions * ((3 * 7 * 7 + 1) ** 2 + 4**2) + 2 * ((16 + 1) ** 2 + 4**2)
@@ -93,13 +94,13 @@ def test_impossible_combinations_are_refused_in_one_line(argv, message, capsys):
 
 
 def test_synthetic_folder_has_imagenet_layout_and_sizes(tmp_path):
-    root = benchmark.make_synthetic_imagenet(tmp_path, num_classes=2, train_per_class=4, val_per_class=1)
+    root = measure.make_synthetic_imagenet(tmp_path, num_classes=2, train_per_class=4, val_per_class=1)
     train = sorted((root / "train").glob("n*/*.JPEG"))
     assert len(train) == 8 and len(list((root / "val").glob("n*/*.JPEG"))) == 2
     from PIL import Image
 
     sizes = {Image.open(path).size for path in train}
-    assert len(sizes) > 1 and sizes <= set(benchmark.IMAGENET_SIZES)
+    assert len(sizes) > 1 and sizes <= set(measure.IMAGENET_SIZES)
     assert min(path.stat().st_size for path in train) > 20_000  # photo-like JPEGs, not flat colour
 
 
@@ -113,15 +114,15 @@ def test_synthetic_folder_has_imagenet_layout_and_sizes(tmp_path):
 ])
 def test_gpu_peaks_match_the_named_part(monkeypatch, name, expected):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: name)
-    peaks = benchmark.device_peaks(torch.device("cuda"), tf32=False)
+    peaks = measure.device_peaks(torch.device("cuda"), tf32=False)
     assert peaks["source"].startswith(f"NVIDIA data sheet, {expected} dense")
-    assert peaks["float32"] == dict(benchmark.KNOWN_GPU_PEAKS)[expected]["float32"]
+    assert peaks["float32"] == dict(measure.KNOWN_GPU_PEAKS)[expected]["float32"]
 
 
 def test_timing_waits_for_queued_gpu_work_before_it_starts(monkeypatch):
     calls = []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: calls.append("synchronize"))
-    benchmark._time(lambda: calls.append("work"), torch.device("cuda"))
+    measure.time_call(lambda: calls.append("work"), torch.device("cuda"))
     assert calls == ["synchronize", "work", "synchronize"]
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-import demo
-import naming
 import pipeline
+from influence.data import demo
+from influence.results import naming
 
 
 def test_demo_folder_is_imagenet_layout_written_once_and_reproducible(tmp_path):

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO_ROOT, tiny_counts, write_image_folder
 from safetensors.torch import load_file
 
-import naming
-from conftest import REPO_ROOT, tiny_counts, write_image_folder
+from influence.results import naming
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc-per-node=2"]

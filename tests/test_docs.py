@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import List, Set, Tuple
 
 import pytest
-
 from conftest import REPO_ROOT
 
 README_MAX_BYTES = 15_000

@@ -1,4 +1,4 @@
-"""explorer.py and `top_influences.py --html`: the pages list the same top-k as the CSV, every link and
+"""influence/explorer/page.py and `top_influences.py --html`: the pages list the same top-k as the CSV, every link and
 image resolves to a file inside the folder, thumbnails are made once and reused, bad input gives the CSV
 path's one line with nothing written; and in a real headless Chromium, on the demo's images: every image
 loads, the console stays clean, the filters and paging change what is shown, links reach the query
@@ -21,15 +21,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from browser import broken_images, chromium, console_errors
+from conftest import REPO_ROOT, tiny_counts, write_image_folder
 from safetensors.torch import save_file
 
 import analyze
-import demo
-import explorer
-import naming
 import top_influences
-from browser import broken_images, chromium, console_errors
-from conftest import REPO_ROOT, tiny_counts, write_image_folder
+from influence.data import demo
+from influence.explorer import page as explorer
+from influence.results import naming
 
 # A class folder and file names no page may treat as markup: a tag with a script handler, both quotes, &.
 HOSTILE = "x<img src=y onerror=window.pwned=1>\"&'"

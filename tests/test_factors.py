@@ -1,4 +1,4 @@
-"""factors.py: the training images the factors are fitted on (all, or a seeded subset of --factor_examples),
+"""influence/analysis/factors.py: the training images the factors are fitted on (all, or a seeded subset of --factor_examples),
 recorded with the factors so that another number is refused on rerun; the covariance and lambda fits in
 partitions: the same factors and scores as one pass, and a fit killed in the lambda phase resumes from
 its last finished partition to the scores of an uninterrupted run (`tests/small_model_cli.py`)."""
@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
-import naming
 from conftest import REPO_ROOT, small_problem, tiny_counts, write_image_folder
-from factors import COVARIANCE, LAMBDA, factor_examples
+from safetensors.torch import load_file
 from small_model_cli import analyze_in_process
+
+from influence.analysis.factors import COVARIANCE, LAMBDA, factor_examples
+from influence.results import naming
 
 
 def test_factor_examples_are_all_up_to_the_limit_else_a_seeded_subset():

@@ -1,4 +1,4 @@
-"""gradient_index.py and projection.py: the compressed gradients equal float64 autograd gradients projected
+"""gradient_index.py and influence/index/projection.py: the compressed gradients equal float64 autograd gradients projected
 explicitly; the projected score is unbiased with exactly the predicted variance; without projection the
 index's scores equal analyze.py's exact identity and EKFAC scores; a killed build resumes to the same
 shards bit for bit without redoing finished ones; stale or missing indexes and factors are refused in one
@@ -14,6 +14,7 @@ import copy
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,15 +29,17 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import gradient_index  # noqa: E402
-import naming  # noqa: E402
-import pipeline  # noqa: E402
-import projection  # noqa: E402
-from cli import UserError  # noqa: E402
 from conftest import REPO_ROOT, SmallCNN, tiny_counts, write_image_folder  # noqa: E402
 from small_model_cli import analyze_in_process, build_tiny_model  # noqa: E402
-from score_files import open_score_file  # noqa: E402
-from task import ClassificationTask  # noqa: E402
+
+import gradient_index  # noqa: E402
+import pipeline  # noqa: E402
+from influence.analysis.task import ClassificationTask  # noqa: E402
+from influence.index import projection  # noqa: E402
+from influence.index import shards as index_shards
+from influence.results import naming  # noqa: E402
+from influence.results.score_files import open_score_file  # noqa: E402
+from influence.runtime.cli import UserError  # noqa: E402
 
 WORKER = Path(__file__).resolve()
 TINY_SHARD_SIZE = 3  # 8 training images: shards of 3, 3 and 2
@@ -51,13 +54,13 @@ def _scores(path: Path) -> torch.Tensor:
 
 
 def _shards(directory: Path) -> List[torch.Tensor]:
-    paths = sorted(directory.glob(f"{gradient_index.SHARD_STEM}*{gradient_index.SHARD_SUFFIX}"))
-    return [gradient_index.read_shard(path, *_shape(path)) for path in paths]
+    paths = sorted(directory.glob(f"{index_shards.SHARD_STEM}*{index_shards.SHARD_SUFFIX}"))
+    return [index_shards.read_shard(path, *_shape(path)) for path in paths]
 
 
 def _shape(path: Path):
     with safe_open(str(path), framework="pt") as handle:
-        return tuple(handle.get_slice(gradient_index.GRADIENTS_KEY).get_shape())
+        return tuple(handle.get_slice(index_shards.GRADIENTS_KEY).get_shape())
 
 
 def _common(dataset: Path, output_dir: Path, index_dim: int = WHOLE, *extra: str) -> List[str]:
@@ -194,8 +197,8 @@ def test_projected_scores_are_unbiased_with_the_predicted_variance(index_dim):
 
 def test_float16_overflow_names_bfloat16():
     with pytest.raises(UserError, match=r"from 6 on reach 7e\+04, beyond float16's range; rebuild with --dtype bfloat16"):
-        gradient_index._check_range(torch.tensor([[7e4, 1.0]]), torch.float16, 6)
-    gradient_index._check_range(torch.tensor([[7e4, 1.0]]), torch.bfloat16, 6)
+        index_shards.check_range(torch.tensor([[7e4, 1.0]]), torch.float16, 6)
+    index_shards.check_range(torch.tensor([[7e4, 1.0]]), torch.bfloat16, 6)
 
 
 # ------------------------------------------------------------------------------ against analyze.py
@@ -212,10 +215,10 @@ def test_index_scores_equal_analyze_scores_without_projection(exact, dataset, ti
     (EKFAC's fitted one, KFAC's products of eigenvalues) alone."""
     output_dir, scores = exact
     directory = gradient_index.main([*_build(dataset, output_dir), "--basis", basis])
-    assert directory == gradient_index.index_dir(output_dir, "imagenet", basis, WHOLE)
+    assert directory == index_shards.index_dir(output_dir, "imagenet", basis, WHOLE)
     assert [_shape(path)[0] for path in sorted(directory.glob("shard_*.safetensors"))] == [3, 3, 2]
     path = gradient_index.main([*_query(dataset, output_dir), "--basis", basis, "--factor_strategy", strategy, "--num_queries", "2", "--score_normalization", normalization])
-    assert path == gradient_index.index_scores_dir(output_dir, "imagenet", basis, WHOLE, strategy, normalization) / naming.PAIRWISE_SCORES_FILE
+    assert path == index_shards.index_scores_dir(output_dir, "imagenet", basis, WHOLE, strategy, normalization) / naming.PAIRWISE_SCORES_FILE
     got = _scores(path)
     expected = scores[strategy if normalization == "none" else f"{strategy}_{normalization}"]
     assert got.dtype == torch.float32 and got.shape == expected.shape == (2, 8)
@@ -266,7 +269,7 @@ def test_ekfac_basis_index_scores_equal_float64_ekfac_restricted_to_the_top_eige
     exact scores, which the truncated index does not."""
     output_dir, scores = exact
     directory = gradient_index.main(_build(dataset, output_dir, PROJECTED))
-    assert directory == gradient_index.index_dir(output_dir, "imagenet", "ekfac", PROJECTED)
+    assert directory == index_shards.index_dir(output_dir, "imagenet", "ekfac", PROJECTED)
     path = gradient_index.main([*_query(dataset, output_dir, PROJECTED), "--num_queries", "2"])
     factors = naming.factors_dir(output_dir, "imagenet", "ekfac")
     read = {name: load_file(str(factors / f"{name}.safetensors")) for name in (
@@ -328,7 +331,7 @@ def test_killed_build_resumes_to_the_same_shards_without_redoing_finished_ones(d
     output_dir = tmp_path / "killed"
     killed = _run(_build(dataset, output_dir, PROJECTED, *gaussian), kill_at="3")  # the first batch of shard 1
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    directory = gradient_index.index_dir(output_dir, "imagenet", "gaussian", PROJECTED)
+    directory = index_shards.index_dir(output_dir, "imagenet", "gaussian", PROJECTED)
     assert sorted(path.name for path in directory.glob("shard_*")) == ["shard_00000.safetensors"]
     first = (directory / "shard_00000.safetensors").stat()
     (directory / ".shard_00001.safetensors.99999.tmp").write_bytes(b"cut short")  # a write a kill interrupted
@@ -340,7 +343,7 @@ def test_killed_build_resumes_to_the_same_shards_without_redoing_finished_ones(d
     again = (directory / "shard_00000.safetensors").stat()
     assert (again.st_ino, again.st_mtime_ns) == (first.st_ino, first.st_mtime_ns)
     assert not list(directory.glob(".*.tmp"))
-    expected = _shards(gradient_index.index_dir(tmp_path / "uninterrupted", "imagenet", "gaussian", PROJECTED))
+    expected = _shards(index_shards.index_dir(tmp_path / "uninterrupted", "imagenet", "gaussian", PROJECTED))
     got = _shards(directory)
     assert len(got) == len(expected) == 3 and all(torch.equal(a, b) for a, b in zip(got, expected))
     # A finished index is reused as it is.
@@ -359,7 +362,7 @@ def test_stale_or_missing_index_and_factors_are_refused_in_one_line(dataset, tmp
 
     built = _run(["build", *common(first), "--shard_size", "3"])
     assert built.returncode == 0, built.stderr[-3000:]
-    directory = gradient_index.index_dir(out, "imagenet", "gaussian", PROJECTED)
+    directory = index_shards.index_dir(out, "imagenet", "gaussian", PROJECTED)
     cases = [
         (["build", *common(second), "--shard_size", "3"],
          rf"gradient index in {re.escape(str(directory))} were computed with other settings \(model 'checkpoint sha256:\w+' -> 'checkpoint sha256:\w+'\); pass --overwrite"),
@@ -368,7 +371,7 @@ def test_stale_or_missing_index_and_factors_are_refused_in_one_line(dataset, tmp
          rf"the gradient index in {re.escape(str(directory))} was built with other settings \(model 'checkpoint sha256:\w+' -> 'checkpoint sha256:\w+'\); rebuild it with `gradient_index.py build`"),
         (["query", *common(first), "--factor_strategy", "identity", "--num_queries", "1", "--seed", "1"], r"was built with other settings \(seed 0 -> 1\)"),
         (["query", *common(first, 8), "--factor_strategy", "identity", "--num_queries", "1"],
-         rf"no gradient index at {re.escape(str(gradient_index.index_dir(out, 'imagenet', 'gaussian', 8)))}: build it first with `gradient_index.py build` with the same --dataset_dir, model, --basis gaussian, --index_dim 8"),
+         rf"no gradient index at {re.escape(str(index_shards.index_dir(out, 'imagenet', 'gaussian', 8)))}: build it first with `gradient_index.py build` with the same --dataset_dir, model, --basis gaussian, --index_dim 8"),
         (["query", *common(first), "--factor_strategy", "identity", "--num_queries", "1", "--score_normalization", "relative"],
          r"--score_normalization relative takes the self-influence from the index, which needs an eigenvector basis queried with its own strategy \(--basis ekfac --factor_strategy ekfac, or kfac\); got --basis gaussian --factor_strategy identity$"),
         (["query", *common(first), "--factor_strategy", "ekfac", "--num_queries", "1"],
@@ -416,14 +419,14 @@ def test_eigen_basis_needs_fitted_factors_and_refitted_factors_make_the_index_st
 
 
 def test_small_disk_is_refused_before_any_shard(dataset, tiny_model, monkeypatch, tmp_path, capsys):
-    usage = gradient_index.shutil.disk_usage
-    monkeypatch.setattr(gradient_index.shutil, "disk_usage", lambda path: usage(path)._replace(free=1000))  # 1.0 kB
+    usage = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(path)._replace(free=1000))  # 1.0 kB
     with pytest.raises(SystemExit) as caught:
         gradient_index.main(_build(dataset, tmp_path, WHOLE, "--basis", "gaussian"))
     assert caught.value.code == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert re.fullmatch(r"gradient_index\.py: error: not enough disk space under .*gradient_index_gaussian_dim100: the index needs 18\.4 kB, 1\.0 kB is free; .*", line), line
-    assert not list(gradient_index.index_dir(tmp_path, "imagenet", "gaussian", WHOLE).glob("shard_*"))
+    assert not list(index_shards.index_dir(tmp_path, "imagenet", "gaussian", WHOLE).glob("shard_*"))
 
 
 # ------------------------------------------------------------------------------ as a user runs it
@@ -443,7 +446,7 @@ def test_command_line_of_resnet50_ends_in_a_file_top_influences_reads(tiny_image
     for argv in (["build", *common, "--train_batch_size", "4"], ["query", *common, "--factor_strategy", "identity", "--query_dir", str(photos)]):
         done = subprocess.run([sys.executable, str(REPO_ROOT / "gradient_index.py"), *argv], env=env, capture_output=True, text=True, timeout=240)
         assert done.returncode == 0, done.stderr[-3000:]
-    scores_dir = gradient_index.index_scores_dir(tmp_path / "results", "imagenet", "gaussian", 8, "identity")
+    scores_dir = index_shards.index_scores_dir(tmp_path / "results", "imagenet", "gaussian", 8, "identity")
     scores = _scores(scores_dir / naming.PAIRWISE_SCORES_FILE)
     assert scores.shape == (2, 6) and torch.isfinite(scores).all()
     shown = subprocess.run(

@@ -1,4 +1,4 @@
-"""hardware.py: the device decided once and described in the log, the CPUs a process may use, and the
+"""influence/runtime/hardware.py: the device decided once and described in the log, the CPUs a process may use, and the
 GPU-only checks, with a GPU simulated by monkeypatched torch.cuda functions where one is needed."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import types
 
 import pytest
 import torch
-
-import hardware
-from cli import UserError
 from conftest import REPO_ROOT
+
+from influence.runtime import hardware
+from influence.runtime.cli import UserError
 
 
 @pytest.fixture
@@ -33,7 +33,7 @@ def fake_gpu(monkeypatch):
 def test_the_suite_hides_every_gpu_from_itself_and_its_subprocesses():
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "" and not torch.cuda.is_available()
     child = subprocess.run(
-        [sys.executable, "-c", "import torch, hardware; print(torch.cuda.device_count(), hardware.cuda_unavailable_reason())"],
+        [sys.executable, "-c", "import torch; from influence.runtime import hardware; print(torch.cuda.device_count(), hardware.cuda_unavailable_reason())"],
         cwd=REPO_ROOT, capture_output=True, text=True, check=True,
     )
     assert child.stdout.strip() == "0 CUDA_VISIBLE_DEVICES is empty"

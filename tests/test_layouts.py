@@ -1,4 +1,4 @@
-"""layouts.py: ImageNet as downloaded. Tiny versions of each layout are built from one generated folder
+"""influence/data/layouts.py: ImageNet as downloaded. Tiny versions of each layout are built from one generated folder
 (the official archives made with tarfile, a devkit with the fields torchvision reads, a flat val with
 Kaggle's CSV, Kaggle's tree): every layout gives the same images in the same order and the same scores,
 results computed from one are reused from another, and each incomplete layout is one line with nothing
@@ -17,14 +17,13 @@ import numpy as np
 import pytest
 import scipy.io
 import torch
-
-import layouts
-import pipeline
-import records
-import top_influences
-from cli import UserError
 from conftest import tiny_counts, write_image_folder
 from small_model_cli import analyze_in_process
+
+import pipeline
+from influence.data import layouts
+from influence.results import records, top_k
+from influence.runtime.cli import UserError
 
 CLASSES = ("n01440764", "n01443537")  # the first two of ImageNet's wnids
 NAMES = {"n01440764": "tench", "n01443537": "goldfish"}
@@ -157,8 +156,8 @@ def test_every_layout_lists_the_same_images_in_the_same_order(built):
 
 def test_readable_class_names_come_from_the_devkit_or_kaggles_mapping(built):
     for name in ("devkit", "kaggle"):
-        assert top_influences.class_names(list(CLASSES), built[name]) == ["n01440764 tench", "n01443537 goldfish"]
-    assert top_influences.class_names(list(CLASSES), built["csv"]) == list(CLASSES)  # nothing to read them from
+        assert top_k.class_names(list(CLASSES), built[name]) == ["n01440764 tench", "n01443537 goldfish"]
+    assert top_k.class_names(list(CLASSES), built["csv"]) == list(CLASSES)  # nothing to read them from
 
 
 def test_same_scores_from_every_layout_and_results_reused_across_layouts(built, monkeypatch, tmp_path):
@@ -173,7 +172,7 @@ def test_same_scores_from_every_layout_and_results_reused_across_layouts(built, 
 
 
 def pipeline_scores(path: Path) -> torch.Tensor:
-    from scoring import load_scores
+    from influence.analysis.scoring import load_scores
 
     return load_scores(path)
 
@@ -300,7 +299,7 @@ def test_a_second_run_does_not_unpack_archives_another_run_is_unpacking(built, t
     (staging / "val" / "half_written.JPEG").write_bytes(b"the first run's work")
     started = tmp_path / "holding"
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time, locking; from pathlib import Path\n"
+        "import sys, time; from pathlib import Path; from influence.results import locking\n"
         f"with locking.hold(Path({str(archives)!r}), leave_no_file=True):\n"
         f"    Path({str(started)!r}).write_text('x'); time.sleep(60)\n")], cwd=REPO_ROOT)
     try:

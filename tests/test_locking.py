@@ -1,4 +1,4 @@
-"""locking.py: one run per analysis folder. A second analyze.py into the folder of a running one stops at
+"""influence/results/locking.py: one run per analysis folder. A second analyze.py into the folder of a running one stops at
 once with one line naming the first (whose scores are unharmed), a killed holder blocks nothing (see
 test_factors.py), torchrun's ranks share rank 0's lock, and the scripts that write beside the scores
 take it too while readers do not.
@@ -19,11 +19,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO_ROOT, tiny_counts, write_image_folder
 from safetensors.torch import load_file
 
-import locking
-import naming
-from conftest import REPO_ROOT, tiny_counts, write_image_folder
+from influence.results import locking, naming
 
 WORKER = REPO_ROOT / "tests" / "small_model_cli.py"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -112,7 +111,7 @@ def test_torchrun_holds_one_lock_for_all_ranks(dataset, tmp_path):
 HOLD_AND_REPORT = """
 import sys, time
 sys.path.insert(0, {root!r})
-import locking
+from influence.results import locking
 with locking.hold({folder!r}):
     print("held", flush=True)
     time.sleep(60)

@@ -5,8 +5,8 @@ import itertools
 import pytest
 
 import analyze
-import naming
-from settings import STRATEGIES, AnalysisSettings
+from influence.analysis.settings import STRATEGIES, AnalysisSettings
+from influence.results import naming
 
 
 @pytest.mark.parametrize(

@@ -10,12 +10,12 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-
-import naming
-import pipeline
-from normalization import normalize
-from scoring import load_scores
 from small_model_cli import analyze_in_process, build_tiny_model
+
+import pipeline
+from influence.analysis.normalization import normalize
+from influence.analysis.scoring import load_scores
+from influence.results import naming
 
 ANALYSIS = naming.DEFAULT_ANALYSIS_NAME
 
@@ -26,7 +26,7 @@ def _flat_gradient(model: torch.nn.Module, value: torch.Tensor) -> torch.Tensor:
 
 def _gradients(dataset_dir, split: str, count: int, measurement: bool) -> torch.Tensor:
     """Each image's gradient, from scratch: the summed cross-entropy of its folder label (training side)
-    or minus its margin (query side), as task.py defines them."""
+    or minus its margin (query side), as influence/analysis/task.py defines them."""
     model = build_tiny_model(num_classes=2)
     dataset = pipeline.get_imagenet_dataset(split, dataset_dir, preprocessing=pipeline.Preprocessing())
     rows = []

@@ -12,15 +12,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_counts, write_image_folder
 from PIL import Image
+from small_model_cli import analyze_in_process
 from torchvision.models import resnet50
 
 import analyze
-import naming
 import pipeline
-from cli import UserError
-from conftest import tiny_counts, write_image_folder
-from small_model_cli import analyze_in_process
+from influence.data import images, preprocessing
+from influence.model import weights as model_weights
+from influence.results import naming
+from influence.runtime.cli import UserError
 
 
 def test_odd_imagenet_files_load_as_rgb_224(tmp_path):
@@ -44,7 +46,7 @@ def test_hidden_folders_and_files_are_neither_classes_nor_images(tmp_path):
     files change nothing: the same classes, images and fingerprint as the clean folder."""
     root = write_image_folder(tmp_path / "data", tiny_counts())
     clean = {split: pipeline.get_imagenet_dataset(split, root) for split in pipeline.SPLITS}
-    expected = {split: (dataset.classes, dataset.samples, pipeline.samples_fingerprint(dataset)) for split, dataset in clean.items()}
+    expected = {split: (dataset.classes, dataset.samples, images.samples_fingerprint(dataset)) for split, dataset in clean.items()}
     for split in pipeline.SPLITS:
         (root / split / ".ipynb_checkpoints").mkdir()
         shutil.copy(root / split / "n01" / "n01_000.JPEG", root / split / ".ipynb_checkpoints" / "n01_000-checkpoint.JPEG")
@@ -53,7 +55,7 @@ def test_hidden_folders_and_files_are_neither_classes_nor_images(tmp_path):
         (root / split / "n01" / "._n01_000.JPEG").write_bytes(b"\x00\x05\x16\x07 AppleDouble metadata")
     for split in pipeline.SPLITS:
         dataset = pipeline.get_imagenet_dataset(split, root)
-        assert (dataset.classes, dataset.samples, pipeline.samples_fingerprint(dataset)) == expected[split], split
+        assert (dataset.classes, dataset.samples, images.samples_fingerprint(dataset)) == expected[split], split
         assert len(dataset) == (6 if split == "train" else 4)
 
 
@@ -67,7 +69,7 @@ def test_evaluation_transform_is_resize_256_center_crop_224_normalize():
     image = Image.fromarray(np.full((300, 400, 3), 255, dtype=np.uint8))
     tensor = pipeline.Preprocessing().transform()(image)
     assert tensor.shape == (3, 224, 224)
-    expected = (1.0 - torch.tensor(pipeline.IMAGENET_MEAN)) / torch.tensor(pipeline.IMAGENET_STD)
+    expected = (1.0 - torch.tensor(preprocessing.IMAGENET_MEAN)) / torch.tensor(preprocessing.IMAGENET_STD)
     torch.testing.assert_close(tensor[:, 0, 0], expected)
 
 
@@ -255,8 +257,8 @@ def test_impossible_flags_are_refused_by_the_parser(argv, message, tmp_path, cap
 
 
 def test_weights_presets_and_checkpoint_sizes():
-    assert pipeline.weights_preprocessing("IMAGENET1K_V2") == pipeline.Preprocessing(232, 224, "bilinear")
-    assert pipeline.weights_preprocessing("IMAGENET1K_V1") == pipeline.Preprocessing(256, 224, "bilinear")
+    assert model_weights.weights_preprocessing("IMAGENET1K_V2") == pipeline.Preprocessing(232, 224, "bilinear")
+    assert model_weights.weights_preprocessing("IMAGENET1K_V1") == pipeline.Preprocessing(256, 224, "bilinear")
     assert pipeline.model_preprocessing(None, 73, 64) == pipeline.Preprocessing(73, 64, "bilinear")
     assert pipeline.model_preprocessing(pipeline.NO_WEIGHTS) == pipeline.Preprocessing(256, 224, "bilinear")
     image = Image.fromarray(np.zeros((300, 400, 3), dtype=np.uint8))

@@ -1,4 +1,4 @@
-"""preflight.py: the bytes a run will write, counted from layer shapes and dtypes, equal the tensors in the
+"""influence/results/preflight.py: the bytes a run will write, counted from layer shapes and dtypes, equal the tensors in the
 files kronfluence writes; a disk or host memory too small for the run is refused in one line before any
 factor is fitted; what is already on disk is not counted again; ResNet-50's sizes on ImageNet."""
 
@@ -8,14 +8,13 @@ import re
 import shutil
 
 import pytest
+from conftest import tiny_counts, write_image_folder
 from safetensors import safe_open
+from small_model_cli import analyze_in_process, build_tiny_model
 from torchvision.models import resnet50
 
-import naming
-import preflight
-from conftest import tiny_counts, write_image_folder
-from settings import AnalysisSettings
-from small_model_cli import analyze_in_process, build_tiny_model
+from influence.analysis.settings import AnalysisSettings
+from influence.results import naming, preflight
 
 PHASE_FILES = {
     "covariance": ["activation_covariance", "gradient_covariance", "num_activation_covariance_processed", "num_gradient_covariance_processed"],

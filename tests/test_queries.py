@@ -1,4 +1,4 @@
-"""queries.py and the query flags of analyze.py: which images are scored. per_class spreads over every
+"""influence/data/queries.py and the query flags of analyze.py: which images are scored. per_class spreads over every
 class, random follows --seed, --query_files and --query_dir score exactly the images named (their rows
 equal the same images' rows in a run over the whole validation set), an unlabeled --query_dir is labelled
 by the model's prediction and the CSV says so, and a changed choice is refused on rerun."""
@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_counts, write_image_folder
+from small_model_cli import analyze_in_process, build_tiny_model
 
 import pipeline
-import queries
 import top_influences
-from cli import UserError
-from conftest import tiny_counts, write_image_folder
-from scoring import load_scores
-from small_model_cli import analyze_in_process, build_tiny_model
+from influence.analysis.scoring import load_scores
+from influence.data import queries
+from influence.runtime.cli import UserError
 
 CLASSES = ("n01", "n02")  # the tiny model has two outputs
 

@@ -20,10 +20,10 @@ from safetensors.torch import save_file
 from scipy.stats import pearsonr, spearmanr
 
 import query_batching_analysis as qba
-import score_files
 from benchmarks import query_batching_benchmark as bench
-import naming
-from naming import SCORES_KEY, pairwise_scores_path, scores_dir, scores_name
+from influence.analysis import agreement
+from influence.results import naming, score_files
+from influence.results.naming import SCORES_KEY, pairwise_scores_path, scores_dir, scores_name
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NUM_QUERIES = 6
@@ -61,7 +61,7 @@ def test_identical_files_agree_perfectly(tmp_path):
     full = write_scores(tmp_path / "scores_ekfac", scores)
     low = write_scores(tmp_path / "scores_ekfac_qlr32", scores, rank=32)
     result = run_main(tmp_path, full, low)
-    for name in qba.STATISTICS:
+    for name in agreement.STATISTICS:
         assert result["statistics"][name]["minimum"] == pytest.approx(1.0, abs=1e-12), name
         assert result["statistics"][name]["queries"] == NUM_QUERIES
 

@@ -10,13 +10,14 @@ import re
 
 import pytest
 import torch
+from conftest import small_problem, tiny_counts, write_image_folder
 from PIL import Image
+from small_model_cli import analyze_in_process, build_tiny_model
+from test_task import run_scores
 
 import analyze
 import pipeline
-from conftest import small_problem, tiny_counts, write_image_folder
-from small_model_cli import analyze_in_process, build_tiny_model
-from test_task import run_scores
+from influence.data import images
 
 
 def test_image_replaced_under_the_same_name_is_refused(monkeypatch, tmp_path, capsys):
@@ -39,7 +40,7 @@ def test_image_replaced_under_the_same_name_is_refused(monkeypatch, tmp_path, ca
 def test_changed_preprocessing_is_refused(monkeypatch, tmp_path, capsys):
     dataset = write_image_folder(tmp_path / "imagenet", tiny_counts())
     analyze_in_process(monkeypatch, dataset, tmp_path / "out")
-    monkeypatch.setattr(pipeline, "transform_description", lambda dataset: "Compose(Resize(size=288), ...)")
+    monkeypatch.setattr(images, "transform_description", lambda dataset: "Compose(Resize(size=288), ...)")
     capsys.readouterr()
     with pytest.raises(SystemExit):
         analyze_in_process(monkeypatch, dataset, tmp_path / "out")

@@ -1,4 +1,4 @@
-"""scoring.py: scores in resumable partitions (a run killed in any phase, or interrupted with Ctrl-C or a
+"""influence/analysis/scoring.py: scores in resumable partitions (a run killed in any phase, or interrupted with Ctrl-C or a
 full disk, resumes to the same scores; partitioning does not change them), self-influence in partitions,
 and the number of query batches gathered per pass over the training set.
 
@@ -19,15 +19,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
-
-import naming
 from conftest import REPO_ROOT, SmallCNN, small_problem, tiny_counts, write_image_folder
-from records import discard_torn_files
-from scoring import PAIRWISE, SELF, accumulation_steps, query_gradient_bytes, training_side_bytes
-from settings import AnalysisSettings
+from safetensors import safe_open
 from small_model_cli import analyze_in_process
 from test_task import run_scores
+
+from influence.analysis.scoring import PAIRWISE, SELF, accumulation_steps, query_gradient_bytes, training_side_bytes
+from influence.analysis.settings import AnalysisSettings
+from influence.results import naming
+from influence.results.records import discard_torn_files
 
 WORKER = REPO_ROOT / "tests" / "small_model_cli.py"
 PARTITIONS = 3

@@ -1,4 +1,4 @@
-"""settings.py and the speed settings of analyze.py: channels-last layout, TF32 and the DataLoader keyword
+"""influence/analysis/settings.py and the speed settings of analyze.py: channels-last layout, TF32 and the DataLoader keyword
 arguments; each is on by default, a flag turns it off, and none changes the scores beyond float rounding."""
 
 from __future__ import annotations
@@ -8,14 +8,14 @@ import json
 
 import pytest
 import torch
+from conftest import SmallCNN, small_problem
+from test_task import run_scores
 from torch import nn
 
 import analyze
-from conftest import SmallCNN, small_problem
-from records import precision_record
-from settings import TF32_CHOICES, AnalysisSettings, dataloader_kwargs, set_tf32, uses_channels_last
-from task import ClassificationTask, make_analyzer
-from test_task import run_scores
+from influence.analysis.settings import TF32_CHOICES, AnalysisSettings, dataloader_kwargs, set_tf32, uses_channels_last
+from influence.analysis.task import ClassificationTask, make_analyzer
+from influence.results.records import precision_record
 
 
 def test_flags_turn_each_setting_off(tmp_path):

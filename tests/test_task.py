@@ -7,14 +7,14 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import SmallCNN, small_problem
 from torch import nn
 
-from conftest import SmallCNN, small_problem
-from factors import fit_factors
-from scoring import compute_scores, load_scores
-from settings import AnalysisSettings
-import task
-from task import ClassificationTask, make_analyzer, sample_labels
+from influence.analysis import task
+from influence.analysis.factors import fit_factors
+from influence.analysis.scoring import compute_scores, load_scores
+from influence.analysis.settings import AnalysisSettings
+from influence.analysis.task import ClassificationTask, make_analyzer, sample_labels
 
 
 def _tracked_parameters(model: nn.Module):

@@ -16,21 +16,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO_ROOT, IndexedTensors, SmallCNN, small_problem, tiny_counts, write_image_folder
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from small_model_cli import analyze_in_process
 
 import analyze
-import explorer
-import naming
 import top_influences
-from cli import UserError
-from conftest import REPO_ROOT, IndexedTensors, SmallCNN, small_problem, tiny_counts, write_image_folder
-from factors import fit_factors
-from score_files import open_score_file
-from scoring import compute_scores, compute_self_scores, load_scores
-from settings import AnalysisSettings
-from small_model_cli import analyze_in_process
-from task import ClassificationTask, make_analyzer
+from influence.analysis.factors import fit_factors
+from influence.analysis.scoring import compute_scores, compute_self_scores, load_scores
+from influence.analysis.settings import AnalysisSettings
+from influence.analysis.task import ClassificationTask, make_analyzer
+from influence.explorer import page as explorer
+from influence.results import naming, top_k
+from influence.results.score_files import open_score_file
+from influence.runtime.cli import UserError
 
 
 @pytest.fixture
@@ -62,12 +62,12 @@ def test_streamed_top_k_equals_a_direct_argsort(tmp_path):
     path = tmp_path / "pairwise_scores.safetensors"
     save_file({naming.SCORES_KEY: scores}, str(path))
     queries = [6, 0, 3, 5]  # blocks of 3 rows: the block holding rows 0-2 is read for query 0 alone
-    found = top_influences.stream_top_k(open_score_file(path, "--scores"), queries, k=4, rows_per_block=3)
+    found = top_k.stream_top_k(open_score_file(path, "--scores"), queries, k=4, rows_per_block=3)
     assert sorted(found) == sorted(queries)
     for query in queries:
         descending = torch.argsort(scores[query], descending=True)
-        helpful_values, helpful_indices = found[query][top_influences.HELPFUL]
-        harmful_values, harmful_indices = found[query][top_influences.HARMFUL]
+        helpful_values, helpful_indices = found[query][top_k.HELPFUL]
+        harmful_values, harmful_indices = found[query][top_k.HARMFUL]
         assert helpful_indices == descending[:4].tolist()
         assert harmful_indices == descending.flip(0)[:4].tolist()
         torch.testing.assert_close(torch.tensor(helpful_values), scores[query, descending[:4]])
@@ -76,9 +76,9 @@ def test_streamed_top_k_equals_a_direct_argsort(tmp_path):
 
 def test_readable_names_only_for_the_full_imagenet_class_list():
     wnids = [f"n{i:08d}" for i in range(1000)]
-    names = top_influences.class_names(wnids)
+    names = top_k.class_names(wnids)
     assert names[0] == "n00000000 tench" and names[-1].startswith("n00000999 ") and len(names) == 1000
-    assert top_influences.class_names(["n01", "n02"]) == ["n01", "n02"]
+    assert top_k.class_names(["n01", "n02"]) == ["n01", "n02"]
 
 
 # ------------------------------------------------------------------------------- self-influence maths
@@ -112,7 +112,7 @@ def test_self_scores_equal_the_diagonal_of_pairwise_scores_with_the_training_los
     self_scores = _self_scores(model, train, settings, provenance)
     assert self_scores.shape == (len(train),)
 
-    monkeypatch.setattr("task.ClassificationTask", LossMeasurementTask)
+    monkeypatch.setattr("influence.analysis.task.ClassificationTask", LossMeasurementTask)
     analyzer = make_analyzer(copy.deepcopy(model), settings)
     record = fit_factors(analyzer, train, settings, provenance)  # reuses the factors on disk
     pairwise = load_scores(compute_scores(analyzer, train, train, settings, provenance, record))
@@ -211,7 +211,7 @@ def test_command_line_writes_top_influences_matching_the_scores_and_figures(anal
     scores = load_file(str(analysed["pairwise"]))[naming.SCORES_KEY]
     table, summary = naming.top_influences_tables(analysed["pairwise"].parent, self_influence=False)
     rows = _read_csv(table)
-    assert tuple(rows[0]) == top_influences.CSV_COLUMNS
+    assert tuple(rows[0]) == top_k.CSV_COLUMNS
     assert len(rows) == 2 * 2 * 3  # 2 queries x (helpful, harmful) x top 3
     train_files = sorted((analysed["dataset_dir"] / "train").rglob("*.JPEG"))  # ImageFolder order
     for row in rows:

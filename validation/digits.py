@@ -24,7 +24,7 @@ from torchvision.models import resnet50
 from tqdm.auto import tqdm
 
 import pipeline
-from cli import UserError
+from influence.runtime.cli import UserError
 
 NUM_CLASSES = 10
 SPLITS = ("train", "val", "test")  # train/ and val/ are what the suite reads; test/ only measures accuracy

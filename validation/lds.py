@@ -23,7 +23,7 @@ import torch
 from scipy.stats import ConstantInputWarning, spearmanr
 from tqdm.auto import tqdm
 
-from records import write_json_atomically
+from influence.results.records import write_json_atomically
 
 SUBSET_FRACTION = 0.5  # each subset keeps half the training images, as TRAK's and dattri's LDS
 SPEARMAN = "Spearman"
