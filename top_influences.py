@@ -242,23 +242,23 @@ def run_pairwise(
             kind: [(describe(train, names, index), score) for score, index in zip(*found[query_index][kind])]
             for kind in (HELPFUL, HARMFUL)
         }
-        entry = {"query_index": query_index, "query_path": query.path, "label": query.label, "label_source": label_source}
+        query_entry = {"query_index": query_index, "query_path": query.path, "label": query.label, "label_source": label_source}
         if query_index in predictions:
-            entry["prediction"] = predictions[query_index]
+            query_entry["prediction"] = predictions[query_index]
             if label_source != LABEL_PREDICTED:  # a predicted label agrees with the prediction by definition
-                entry["correct"] = classes[query_index][0] == pipeline.example_path(query_set, query_index)[1]
+                query_entry["correct"] = classes[query_index][0] == pipeline.example_path(query_set, query_index)[1]
         for kind, examples in ranked.items():
-            entry[kind] = [entry(rank, example, score) for rank, (example, score) in enumerate(examples, 1)]
+            query_entry[kind] = [entry(rank, example, score) for rank, (example, score) in enumerate(examples, 1)]
             rows += [{"query_index": query_index, "query_path": query.path, "query_label": query.label,
-                      "query_label_source": label_source, "kind": kind, **item} for item in entry[kind]]
+                      "query_label_source": label_source, "kind": kind, **item} for item in query_entry[kind]]
         if query_index in drawn and args.figure_top_k:
             figure = naming.top_influences_figure_path(args.figure_dir, analysis_name, name, query_index)
             shown = {kind: examples[: args.figure_top_k] for kind, examples in ranked.items()}
             shown_query = query if label_source != LABEL_PREDICTED else dataclasses.replace(query, label=f"{query.label} (predicted)")
             draw_query_figure(figure, shown_query, predictions.get(query_index), shown, name, view)
-            entry["figure"] = str(figure)
+            query_entry["figure"] = str(figure)
             figures.append(str(figure))
-        entries.append(entry)
+        entries.append(query_entry)
     write_csv(table, CSV_COLUMNS, rows)
     result = {
         "scores": str(path), "score_normalization": score_file.normalization, "dtype": score_file.dtype, "num_queries": score_file.num_queries,

@@ -15,12 +15,12 @@ from typing import Dict
 import pytest
 import torch
 from safetensors.torch import load_file
+from small_model_cli import analyze_in_process, build_tiny_model
 
 import gradient_index
 import pipeline
 from influence.index import shards as index_shards
 from influence.results import naming
-from small_model_cli import analyze_in_process, build_tiny_model
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "pre_move"
 INDEX_DIM = 4

@@ -27,6 +27,7 @@ from influence.analysis.factors import fit_factors
 from influence.analysis.scoring import compute_scores, compute_self_scores, load_scores
 from influence.analysis.settings import AnalysisSettings
 from influence.analysis.task import ClassificationTask, make_analyzer
+from influence.explorer import figures
 from influence.explorer import page as explorer
 from influence.results import naming, top_k
 from influence.results.score_files import open_score_file
@@ -49,7 +50,7 @@ def _read_csv(path: Path):
 
 
 def _expected_png_size(rows: int, columns: int):
-    t = top_influences
+    t = figures
     width = columns * (t.IMAGE_INCHES + t.GAP_INCHES)
     return round(width * t.DPI), round((rows * (t.IMAGE_INCHES + t.CAPTION_INCHES) + t.TITLE_INCHES) * t.DPI)
 
