@@ -136,24 +136,6 @@ def test_two_ranks_equal_one_process_for_self_influence_and_cosine_scores(tmp_pa
         _assert_close(*paths, rtol=1e-4)
 
 
-def _rank_pids(launcher: subprocess.Popen) -> dict:
-    """{rank: pid} of the worker processes torchrun started."""
-    pids = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes().split(b"\0")
-            status = (entry / "status").read_text()
-        except OSError:
-            continue
-        if f"PPid:\t{launcher.pid}\n" in status:
-            for item in environ:
-                if item.startswith(b"RANK="):
-                    pids[int(item[5:])] = int(entry.name)
-    return pids
-
-
 DIST_TIMEOUT_S = 20
 # The survivor must be gone within this: torchrun notices a dead worker in about a second, and a stalled
 # peer makes the next collective fail after --dist_timeout; the rest is start-up and tear-down slack.
@@ -161,22 +143,26 @@ STOP_BOUND_S = DIST_TIMEOUT_S + 60
 
 
 @pytest.mark.parametrize("fault", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "stalled"])
-def test_a_dead_or_stalled_rank_stops_the_run_and_a_rerun_resumes(fault, resnet50_checkpoint, tmp_path):
+def test_a_dead_or_stalled_rank_stops_the_run_and_a_rerun_resumes(fault, tmp_path):
+    """Both ranks pause at their third scoring batch (the factors finished); rank 1 is then killed or
+    stopped and rank 0 let go, so the fault surely strikes mid-scoring."""
     folder = write_image_folder(tmp_path / "imagenet", tiny_counts(train=12, val=2))
     argv = [
-        str(REPO_ROOT / "ddp_analyze.py"), "--dataset_dir", str(folder), "--checkpoint", str(resnet50_checkpoint),
-        "--num_queries", "2", "--num_workers", "0", "--train_batch_size", "1", "--query_batch_size", "2",
-        "--factor_strategy", "diagonal", "--damping_factor", "heuristic", "--factor_batch_size", "2",
-        "--output_dir", str(tmp_path / "out"), "--dist_timeout", str(DIST_TIMEOUT_S),
+        SMALL_MODEL_CLI, "--dataset_dir", str(folder), "--weights", "none", "--num_queries", "2", "--num_workers", "0",
+        "--train_batch_size", "1", "--query_batch_size", "2", "--factor_strategy", "diagonal", "--damping_factor", "heuristic",
+        "--factor_batch_size", "2", "--output_dir", str(tmp_path / "out"), "--dist_timeout", str(DIST_TIMEOUT_S),
     ]
-    launcher = subprocess.Popen([*TORCHRUN, *argv], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    scores_record = naming.scores_dir(tmp_path / "out", "imagenet", "diagonal") / naming.RUN_CONFIG_FILE
+    pause = tmp_path / "pause"
+    pause.mkdir()
+    launcher = subprocess.Popen([*TORCHRUN, *argv], env={**ENV, "PAUSE_AT": f"scores:3:{pause}"},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    reached = [pause / f"reached-{rank}" for rank in (0, 1)]
     deadline = time.monotonic() + 300
-    while not scores_record.exists():  # the factors are done and scoring has begun
+    while not all(path.exists() and path.read_text() for path in reached):
         assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()[1][-3000:]
-        time.sleep(0.2)
-    victim = _rank_pids(launcher)[1]
-    os.kill(victim, fault)
+        time.sleep(0.1)
+    os.kill(int(reached[1].read_text()), fault)
+    (pause / "go").touch()
     started = time.monotonic()
     try:
         _, stderr = launcher.communicate(timeout=STOP_BOUND_S)
@@ -190,6 +176,7 @@ def test_a_dead_or_stalled_rank_stops_the_run_and_a_rerun_resumes(fault, resnet5
     assert not naming.pairwise_scores_path(tmp_path / "out", "imagenet", "diagonal").exists()
 
     factor_files = sorted(naming.factors_dir(tmp_path / "out", "imagenet", "diagonal").glob("*.safetensors"))
+    assert factor_files
     stamps = [f.stat().st_mtime_ns for f in factor_files]
     rerun = subprocess.run([*TORCHRUN, *argv], env=ENV, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]

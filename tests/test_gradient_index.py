@@ -19,7 +19,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import List
+from typing import List, Tuple
 
 import pytest
 import torch
@@ -351,7 +351,20 @@ def test_killed_build_resumes_to_the_same_shards_without_redoing_finished_ones(d
     assert int(counted.read_text()) == 0
 
 
-def test_stale_or_missing_index_and_factors_are_refused_in_one_line(dataset, tmp_path):
+def _main(argv: List[str], capsys) -> Tuple[int, str]:
+    """gradient_index.py's main in this process (the tiny CNN patched in): its exit code and the last
+    line it wrote to stderr."""
+    capsys.readouterr()
+    try:
+        gradient_index.main(argv)
+        code = 0
+    except SystemExit as stop:
+        code = stop.code
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err[-1] if err else ""
+
+
+def test_stale_or_missing_index_and_factors_are_refused_in_one_line(dataset, tiny_model, tmp_path, capsys):
     first, second = tmp_path / "first.pt", tmp_path / "second.pt"
     first.write_bytes(b"model one")  # the tiny model ignores the file; its sha256 is the model's identity
     second.write_bytes(b"model two")
@@ -360,8 +373,7 @@ def test_stale_or_missing_index_and_factors_are_refused_in_one_line(dataset, tmp
     def common(checkpoint: Path, index_dim: int = PROJECTED) -> List[str]:
         return _common(dataset, out, index_dim, "--checkpoint", str(checkpoint), "--basis", "gaussian")
 
-    built = _run(["build", *common(first), "--shard_size", "3"])
-    assert built.returncode == 0, built.stderr[-3000:]
+    assert _main(["build", *common(first), "--shard_size", "3"], capsys)[0] == 0
     directory = index_shards.index_dir(out, "imagenet", "gaussian", PROJECTED)
     cases = [
         (["build", *common(second), "--shard_size", "3"],
@@ -378,18 +390,15 @@ def test_stale_or_missing_index_and_factors_are_refused_in_one_line(dataset, tmp
          rf"no ekfac factors in {re.escape(str(naming.factors_dir(out, 'imagenet', 'ekfac')))}: run `analyze.py --factor_strategy ekfac`"),
     ]
     for argv, message in cases:
-        done = _run(argv)
-        assert done.returncode == 2, done.stderr[-3000:]
-        line = _last_line(done)
+        code, line = _main(argv, capsys)
+        assert code == 2, line
         assert line.startswith("gradient_index.py: error: ") and re.search(message, line), line
     # An unfinished index is named as such; --overwrite replaces a stale one.
     (directory / "shard_00001.safetensors").unlink()
-    done = _run(["query", *common(first), "--factor_strategy", "identity", "--num_queries", "1"])
-    assert done.returncode == 2 and "is unfinished (2 of 3 shards); run the same `gradient_index.py build` command again" in _last_line(done)
-    replaced = _run(["build", *common(second), "--shard_size", "3", "--overwrite"])
-    assert replaced.returncode == 0, replaced.stderr[-3000:]
-    answered = _run(["query", *common(second), "--factor_strategy", "identity", "--num_queries", "1"])
-    assert answered.returncode == 0, answered.stderr[-3000:]
+    code, line = _main(["query", *common(first), "--factor_strategy", "identity", "--num_queries", "1"], capsys)
+    assert code == 2 and "is unfinished (2 of 3 shards); run the same `gradient_index.py build` command again" in line
+    assert _main(["build", *common(second), "--shard_size", "3", "--overwrite"], capsys)[0] == 0
+    assert _main(["query", *common(second), "--factor_strategy", "identity", "--num_queries", "1"], capsys)[0] == 0
 
 
 def test_eigen_basis_needs_fitted_factors_and_refitted_factors_make_the_index_stale(dataset, tiny_model, monkeypatch, tmp_path, capsys):

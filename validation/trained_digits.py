@@ -109,12 +109,17 @@ QUICK = dataclasses.replace(
     lds_subsets=12,
     lds_ceiling_subsets=3,
 )
-# The test suite's: the smallest run whose numbers still mean something (a few minutes). EKFAC's
-# self-influence of every training image (the normalisations) would take most of it, so only identity's.
+# The test suite's: the smallest run whose numbers still mean something (about 4 minutes on 2 cores).
+# EKFAC's self-influence of every training image (the normalisations) would take most of it, so only
+# identity's. 40 px crops and 6 epochs still train to 0.88 test accuracy (measured); at 32 px ResNet-50's
+# last stage is 1 x 1 and the eigendecomposition of its covariances fails to converge on so few images.
 TEST = dataclasses.replace(
     QUICK,
     name="trained_digits_test",
-    layout=digits.DigitsLayout(seed=SEED, num_images=400, val_per_class=2),
+    layout=digits.DigitsLayout(seed=SEED, num_images=320, val_per_class=2),
+    training=digits.Training(epochs=6),
+    preprocessing=pipeline.Preprocessing(resize_size=45, crop_size=40),
+    factor_examples=50,
     strategies=("identity", "ekfac"),
     normalized_strategies=("identity",),
     low_ranks=(),
