@@ -114,3 +114,11 @@ def small_problem(num_train: int = 12, num_query: int = 4, num_classes: int = 3,
         torch.randint(0, num_classes, (num_query,), generator=generator),
     )
     return model.eval(), train, query
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """A test that pins torch to one thread leaves the next ones their own thread count."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

@@ -4,15 +4,12 @@ command lines as a user types them, scores checked against autograd, reuse and r
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO_ROOT, tiny_counts, write_image_folder
+from conftest import tiny_counts, write_image_folder
 from safetensors import safe_open
 from small_model_cli import analyze_in_process
 
@@ -111,47 +108,6 @@ def test_changed_checkpoint_or_dataset_is_refused_and_a_copy_is_reused(tiny_imag
     with pytest.raises(SystemExit):
         analyze.main([*base, "--checkpoint", str(resnet50_checkpoint)])
     assert "num_train 6 -> 7" in capsys.readouterr().err
-
-
-def _run_cli(argv, cwd: Path):
-    return subprocess.run(
-        [sys.executable, str(REPO_ROOT / "analyze.py"), *argv],
-        cwd=cwd, capture_output=True, text=True, timeout=1200, env={**os.environ, "PYTHONWARNINGS": "default"},
-    )
-
-
-def test_seed_command_lines_end_to_end(resnet50_checkpoint, tmp_path):
-    """The seed's full-rank EKFAC command, then its rank-32 command, which reuses the factors (the one
-    true end-to-end ResNet-50 EKFAC run of the suite: about 3 minutes on 2 cores)."""
-    dataset = write_image_folder(tmp_path / "imagenet", tiny_counts(train=2, val=2))
-    common = [
-        "--dataset_dir", str(dataset), "--checkpoint", str(resnet50_checkpoint), "--num_queries", "3",
-        "--num_workers", "0", "--train_batch_size", "4", "--factor_strategy", "ekfac",
-    ]
-    full = _run_cli([*common, "--query_gradient_rank", "-1", "--query_batch_size", "2", "--profile"], tmp_path)
-    assert full.returncode == 0, full.stderr[-3000:]
-    assert "Perform Eigendecomposition" in full.stdout  # --profile prints the per-phase table
-    assert "FutureWarning" not in full.stderr
-    factors = naming.factors_dir(tmp_path / naming.DEFAULT_OUTPUT_DIR, "imagenet", "ekfac")
-    factor_files = sorted(factors.glob("*.safetensors"))
-    assert {"activation_covariance", "gradient_covariance", "activation_eigenvectors", "gradient_eigenvectors",
-            "lambda_matrix"} <= {f.stem for f in factor_files}
-    stamps = {f: f.stat().st_mtime_ns for f in factor_files}
-
-    low = _run_cli([*common, "--query_gradient_rank", "32", "--query_batch_size", "3", "--profile"], tmp_path)
-    assert low.returncode == 0, low.stderr[-3000:]
-    assert "Perform Eigendecomposition" not in low.stdout and "Compute Pairwise Score" in low.stdout
-    assert {f: f.stat().st_mtime_ns for f in factor_files} == stamps
-
-    results = tmp_path / naming.DEFAULT_OUTPUT_DIR
-    full_scores = _score_matrix(naming.pairwise_scores_path(results, "imagenet", "ekfac"))
-    low_scores = _score_matrix(naming.pairwise_scores_path(results, "imagenet", "ekfac_qlr32"))
-    assert full_scores.shape == low_scores.shape == (3, 4)
-    assert torch.isfinite(full_scores).all() and torch.isfinite(low_scores).all()
-    assert not torch.equal(full_scores, low_scores)
-    # Rank 32 keeps most of the query gradient: per query, Pearson correlation over the training images.
-    for q in range(3):
-        assert torch.corrcoef(torch.stack([full_scores[q], low_scores[q]]))[0, 1] > 0.9
 
 
 def test_half_precision_writes_bfloat16_scores_under_half_names(tiny_imagenet, resnet50_checkpoint, tmp_path):

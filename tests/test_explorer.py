@@ -48,6 +48,7 @@ def demo_explorer(resnet50_checkpoint, tmp_path_factory):
     common = [
         "--dataset_dir", str(dataset_dir), "--checkpoint", str(resnet50_checkpoint), "--factor_strategy", "identity",
         "--train_batch_size", "5", "--num_workers", "0", "--output_dir", str(output_dir), "--analysis_name", "demo",
+        "--resize_size", "64", "--crop_size", "64",  # the explorer shows the files, not what the model saw: small is enough
     ]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny batches on a shared 2-core machine: one thread is several times faster
