@@ -394,7 +394,7 @@ def run(args: argparse.Namespace, device: torch.device, workdir: Path) -> Dict[s
     dataset_dir = make_synthetic_imagenet(workdir / "imagenet", args.num_classes, per_class, math.ceil(args.num_queries / args.num_classes))
     train = subset(pipeline.get_imagenet_dataset("train", dataset_dir), args.num_train)
     queries = subset(pipeline.get_imagenet_dataset("val", dataset_dir), args.num_queries)
-    peaks = device_peaks(device, tf32 != "off")
+    peaks = device_peaks(device, tf32 != "off", args.precisions)
     model = build_benchmark_model(args.model, SEED)
     analyzer = make_analyzer(model, settings)
     bench = Bench(analyzer, settings, train, queries, device, peaks, False, args.num_queries)
@@ -442,7 +442,8 @@ def measure_all(bench: Bench, args: argparse.Namespace) -> List[Dict[str, Any]]:
 def report(result: Dict[str, Any]) -> None:
     device = result["device"]
     print(f"\ndevice: {device['name']}; load average {', '.join(f'{x:.2f}' for x in result['load_average'])}")
-    print(f"peak FLOP/s: float32 {device['float32'] / 1e9:.0f} G, bfloat16 {device['bfloat16'] / 1e9:.0f} G ({device['source']})\n")
+    peaks = ", ".join(f"{precision} {device[precision] / 1e9:.0f} G" for precision in PRECISIONS if precision in device)
+    print(f"peak FLOP/s: {peaks} ({device['source']})\n")
     print(phase_table(result["phases"]))
     for job in result["projection"]:
         missing = [action for action, seconds in job["actions_seconds"].items() if seconds is None]

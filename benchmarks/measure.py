@@ -9,7 +9,7 @@ import os
 import resource
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -130,9 +130,10 @@ def time_call(function: Callable[[], Any], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def device_peaks(device: torch.device, tf32: bool) -> Dict[str, Any]:
+def device_peaks(device: torch.device, tf32: bool, precisions: Sequence[str] = ("float32", "bfloat16")) -> Dict[str, Any]:
     """Peak FLOP/s per phase precision, and where each number comes from. With TF32 matmuls (`tf32`) the
-    TF32 peak is the float32 phases' ceiling, though float32 convolutions cannot reach it."""
+    TF32 peak is the float32 phases' ceiling, though float32 convolutions cannot reach it. A measured
+    peak is measured for `precisions` only (bfloat16 products take seconds on CPUs without its instructions)."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, peaks in KNOWN_GPU_PEAKS:
@@ -148,9 +149,5 @@ def device_peaks(device: torch.device, tf32: bool) -> Dict[str, Any]:
     else:
         name = f"CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
         source = f"measured matmul peak ({MATMUL_SIZE}x{MATMUL_SIZE} torch.mm)"
-    return {
-        "name": name,
-        "float32": measured_matmul_peak(device, torch.float32),
-        "bfloat16": measured_matmul_peak(device, torch.bfloat16),
-        "source": source,
-    }
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    return {"name": name, **{precision: measured_matmul_peak(device, dtypes[precision]) for precision in precisions}, "source": source}

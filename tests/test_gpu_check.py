@@ -9,11 +9,13 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO_ROOT
 
 STEPS = ["benchmark_gpu"] + [f"tf32_{tf32}_{phase}" for tf32 in ("matmuls", "all", "off") for phase in ("covariance", "scores")]
 
 
+@pytest.mark.slow
 def test_dry_run_writes_every_json_where_the_caller_said_and_cleans_up(tmp_path):
     scratch = tmp_path / "tmp"
     scratch.mkdir()

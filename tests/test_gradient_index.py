@@ -82,11 +82,6 @@ def _run(argv: List[str], kill_at: str = "", count_file: str = "") -> subprocess
     return subprocess.run([sys.executable, str(WORKER), *argv], env=env, capture_output=True, text=True, timeout=240)
 
 
-def _last_line(done: subprocess.CompletedProcess) -> str:
-    assert "Traceback" not in done.stderr, done.stderr[-3000:]
-    return done.stderr.strip().splitlines()[-1]
-
-
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     """2 classes x 4 training images and 2 x 2 validation images."""

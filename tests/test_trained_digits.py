@@ -80,6 +80,7 @@ def test_statistics_equal_independent_computations():
     assert margins.item() == pytest.approx(2.0 - np.log(2.0))
 
 
+@pytest.mark.slow
 def test_smallest_run_finds_labels_planted_mislabels_and_reports_lds(tmp_path):
     """The whole validation at its smallest: a trained model, EKFAC and identity scores (identity also
     relative and cosine, so its self-influence of every training image), 4 + 1 LDS retrainings. Its EKFAC
