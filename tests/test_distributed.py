@@ -88,7 +88,7 @@ def test_two_ranks_equal_one_process_at_rank_8_on_resnet50(small_folder, resnet5
     common = [
         "--dataset_dir", str(small_folder), "--checkpoint", str(resnet50_checkpoint), "--num_queries", "3",
         "--num_workers", "0", "--train_batch_size", "2", "--query_batch_size", "1", "--factor_strategy", "diagonal",
-        "--damping_factor", "heuristic", "--query_gradient_rank", "8", "--resize_size", "64", "--crop_size", "64",
+        "--damping_factor", "heuristic", "--query_gradient_rank", "8",
     ]
     single = _single([*common, "--output_dir", str(tmp_path / "single")], script=str(REPO_ROOT / "analyze.py"))
     assert single.returncode == 0, single.stderr[-3000:]
