@@ -402,10 +402,9 @@ def test_eigen_basis_needs_fitted_factors_and_refitted_factors_make_the_index_st
     on the old eigenvectors, naming the factors' id, and --overwrite rebuilds it."""
 
     def refused(argv: List[str]) -> str:
-        with pytest.raises(SystemExit) as caught:
-            gradient_index.main(argv)
-        assert caught.value.code == 2
-        return capsys.readouterr().err.strip().splitlines()[-1]
+        code, line = _main(argv, capsys)
+        assert code == 2, line
+        return line
 
     factors = naming.factors_dir(tmp_path, "imagenet", "ekfac")
     line = refused(_build(dataset, tmp_path, PROJECTED))
