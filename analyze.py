@@ -43,6 +43,7 @@ from influence.analysis.settings import (
 )
 from influence.analysis.task import make_analyzer
 from influence.data import demo, images, layouts, queries
+from influence.model import tracking
 from influence.results import locking, naming, preflight
 from influence.results.records import dataset_provenance, discard_torn_files, model_source, write_failure
 from influence.runtime import distributed, hardware
@@ -58,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="analyze.py",
         description="Influence scores (EKFAC and relatives, via kronfluence) of ImageNet training images on "
-        "validation predictions of a torchvision ResNet-50.",
+        "validation predictions of a torchvision classifier (ResNet-50 by default, any other with --arch).",
     )
     parser.add_argument("--dataset_dir", type=Path, help="ImageNet folder holding train/<wnid>/* and val/<wnid>/*.")
     parser.add_argument("--demo", action="store_true", help="Run offline on generated images under data/demo/ (made once); no dataset, download or GPU needed.")
@@ -78,9 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=hardware.DEVICE_CHOICES, default="auto", help="Where to compute: auto = the GPU when torch sees one, else the CPU (default: auto); cuda fails in one line without a usable GPU. The device is logged before any work starts.")
     add_speed_arguments(parser)
     parser.add_argument("--output_dir", type=Path, default=Path(naming.DEFAULT_OUTPUT_DIR), help="Where results go (default: influence_results).")
-    parser.add_argument("--analysis_name", help="Sub-folder of --output_dir for this model and data (default: imagenet; demo: demo).")
-    parser.add_argument("--weights", choices=pipeline.weight_choices(), help=f"torchvision ResNet50_Weights to load, or 'none' for random init (default: {pipeline.DEFAULT_WEIGHTS}; demo: that if cached, else none).")
-    parser.add_argument("--checkpoint", type=Path, help="Local ResNet-50 state dict (.pt/.pth/.safetensors; may be wrapped under state_dict/model, module. prefixes allowed) instead of --weights.")
+    parser.add_argument("--analysis_name", help="Sub-folder of --output_dir for this model and data (default: imagenet; demo: demo; with another --arch: imagenet_ARCH, demo_ARCH).")
+    parser.add_argument("--arch", default=pipeline.DEFAULT_ARCH, metavar="NAME", help=pipeline.ARCH_HELP)
+    parser.add_argument("--weights", metavar="NAME", help=f"{pipeline.WEIGHTS_HELP} (default: the architecture's first, {pipeline.DEFAULT_WEIGHTS} for ResNet-50; demo: that if cached, else none).")
+    parser.add_argument("--checkpoint", type=Path, help="Local state dict of --arch (.pt/.pth/.safetensors; may be wrapped under state_dict/model, module. prefixes allowed) instead of --weights.")
     parser.add_argument("--resize_size", type=positive_int, help=f"With --checkpoint or --weights none: resize the shorter side of every image to this many pixels (default: {pipeline.RESIZE_SIZE}); torchvision weights use their own preset (IMAGENET1K_V2: 232).")
     parser.add_argument("--crop_size", type=positive_int, help=f"With --checkpoint or --weights none: the centre crop the model sees, in pixels (default: {pipeline.CROP_SIZE}); torchvision weights use their own preset (224).")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="Seed for every random choice (true-Fisher labels, randomised SVD) (default: 0).")
@@ -119,7 +121,7 @@ def speed_settings(args: argparse.Namespace) -> Dict[str, Any]:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    problem = pipeline.check_input_flags(args)
+    problem = pipeline.check_input_flags(args) or pipeline.check_model_flags(args)
     if problem:
         parser.error(problem)
     if args.factor_examples > FACTOR_MAX_EXAMPLES:
@@ -146,6 +148,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error(problem)
     defaults = DEMO_DEFAULTS if args.demo else SEED_DEFAULTS
     chosen_queries = args.query_files is not None or args.query_dir is not None
+    args.analysis_name = args.analysis_name or naming.default_analysis_name(args.demo, args.arch)
     for key, value in defaults.items():
         if key == "num_queries" and chosen_queries:
             continue  # the file or folder says how many
@@ -211,15 +214,10 @@ def run(args: argparse.Namespace, layout: distributed.Layout) -> Dict[str, Path]
             "to unpack them, then this command"
         )
     distributed.init(layout, device, args.dist_timeout)
-    weights = args.weights
     if args.demo:
         args.dataset_dir = distributed.on_main(layout, demo.make_demo_dataset)
-        if weights is None and args.checkpoint is None and not pipeline.pretrained_weights_cached():
-            logger.warning("demo: pretrained ResNet-50 weights are not cached (no download here); using random init")
-            weights = pipeline.NO_WEIGHTS
-    if weights is None and args.checkpoint is None:
-        weights = pipeline.DEFAULT_WEIGHTS
-    preprocessing = pipeline.model_preprocessing(weights if args.checkpoint is None else None, args.resize_size, args.crop_size)
+    weights = pipeline.chosen_weights(args.weights, args.checkpoint, args.arch, args.demo)
+    preprocessing = pipeline.model_preprocessing(weights if args.checkpoint is None else None, args.resize_size, args.crop_size, args.arch)
     dataset_dir = Path(args.dataset_dir)
     distributed.on_main(layout, lambda: layouts.prepare_archives(dataset_dir))  # ImageNet's archives, unpacked once
     # Cheap folder checks come before the model is built.
@@ -234,9 +232,10 @@ def run(args: argparse.Namespace, layout: distributed.Layout) -> Dict[str, Path]
             f"--score_partitions {settings.score_partitions} is more than the {len(train_dataset)} training images"
         )
     if args.checkpoint is None and weights != pipeline.NO_WEIGHTS and not args.demo:
-        pipeline.check_pretrained_classes(train_dataset, weights)
-    model = pipeline.build_model(weights=weights, checkpoint=args.checkpoint, seed=args.seed)
+        pipeline.check_pretrained_classes(train_dataset, weights, args.arch)
+    model = pipeline.build_model(weights=weights, checkpoint=args.checkpoint, seed=args.seed, arch=args.arch, image_size=preprocessing.crop_size)
     pipeline.check_model_fits_classes(train_dataset, model)
+    tracked = tracking.describe_tracking(model)
     classes = pipeline.base_image_folder(train_dataset).classes
     if args.self_influence:
         query_dataset, query_record = data.Subset(val_dataset, []), None
@@ -250,7 +249,7 @@ def run(args: argparse.Namespace, layout: distributed.Layout) -> Dict[str, Path]
         images.raise_if_unreadable(distributed.gather_lists(layout, unreadable), len(paths))
         logger.info("all %d images can be read", len(paths))
     # Rank 0 stats every file (1.28M on ImageNet) and hashes the checkpoint, once; the others are told.
-    provenance = distributed.on_main(layout, lambda: dataset_provenance(train_dataset, query_dataset, model_source(weights, args.checkpoint)))
+    provenance = distributed.on_main(layout, lambda: dataset_provenance(train_dataset, query_dataset, model_source(weights, args.checkpoint, args.arch)))
     source = provenance["train"]["model"]
     if query_record is not None:
         queries.add_to_provenance(provenance, query_record)
@@ -258,9 +257,12 @@ def run(args: argparse.Namespace, layout: distributed.Layout) -> Dict[str, Path]
         "dataset_dir": str(dataset_dir.resolve()),
         "checkpoint": str(args.checkpoint.resolve()) if args.checkpoint is not None else None,
         "preprocessing": dataclasses.asdict(preprocessing),  # its parameters, for the scripts that read results
+        "arch": args.arch,
+        "tracking": tracked,  # which parameters the scores cover (influence/model/tracking.py)
     }
     # The input checks are done (their errors stay one line on stderr): what the work will run on, first.
     logger.info(hardware.describe_device(device, args.device))
+    logger.info(tracking.tracking_line(args.arch, tracked))
     hardware.warn_if_slow_on_cpu(device, len(train_dataset), args.demo)
     logger.info(
         "%s: %d training images, %d queries, strategy %s, %s, %s%s",
@@ -277,7 +279,7 @@ def run(args: argparse.Namespace, layout: distributed.Layout) -> Dict[str, Path]
         if layout.is_main:
             logger.info("self-influence scores `%s`: %s, shape %s", settings.self_scores_name, path, scores_shape(path))
             if args.demo:
-                print(demo.self_influence_report(settings.self_scores_name, path, analyzer.profiler.summary()))
+                print(demo.self_influence_report(settings.self_scores_name, path, analyzer.profiler.summary(), args.arch))
             elif settings.profile:
                 print(analyzer.profiler.summary())
         return {settings.self_scores_name: path}
@@ -298,7 +300,7 @@ def run(args: argparse.Namespace, layout: distributed.Layout) -> Dict[str, Path]
     table = analyzer.profiler.summary() if settings.profile else ""
     if args.demo:
         scores = {name: load_scores(path) for name, path in results.items()}
-        print(demo.report(results, scores, train_dataset, query_dataset, table))
+        print(demo.report(results, scores, train_dataset, query_dataset, table, args.arch))
     elif table:
         print(table)
     return results

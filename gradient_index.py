@@ -59,6 +59,7 @@ from influence.index.shards import (
     shard_path,
     shard_ranges,
 )
+from influence.model import tracking
 from influence.results import locking, naming, preflight
 from influence.results.records import claim_results_dir, dataset_provenance, model_source, precision_record, write_failure
 from influence.runtime import hardware
@@ -77,15 +78,16 @@ DIM_METADATA_KEY = "gradient_index_dim"
 def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset_dir", type=Path, help="ImageNet folder holding train/<wnid>/* and val/<wnid>/* (any layout analyze.py reads).")
     parser.add_argument("--demo", action="store_true", help="The offline demo's generated images under data/demo/ (made once), as analyze.py --demo.")
-    parser.add_argument("--weights", choices=pipeline.weight_choices(), help=f"torchvision ResNet50_Weights to load, or 'none' for random init (default: {pipeline.DEFAULT_WEIGHTS}; demo: that if cached, else none).")
-    parser.add_argument("--checkpoint", type=Path, help="Local ResNet-50 state dict instead of --weights (as analyze.py).")
+    parser.add_argument("--arch", default=pipeline.DEFAULT_ARCH, metavar="NAME", help=f"{pipeline.ARCH_HELP} As analyze.py's.")
+    parser.add_argument("--weights", metavar="NAME", help=f"{pipeline.WEIGHTS_HELP} (default: the architecture's first, {pipeline.DEFAULT_WEIGHTS} for ResNet-50; demo: that if cached, else none).")
+    parser.add_argument("--checkpoint", type=Path, help="Local state dict of --arch instead of --weights (as analyze.py).")
     parser.add_argument("--resize_size", type=positive_int, help=f"With --checkpoint or --weights none: the shorter side resized to this many pixels (default: {pipeline.RESIZE_SIZE}).")
     parser.add_argument("--crop_size", type=positive_int, help=f"With --checkpoint or --weights none: the centre crop the model sees (default: {pipeline.CROP_SIZE}).")
     parser.add_argument("--index_dim", type=positive_int, default=DEFAULT_INDEX_DIM, help=f"Each layer's gradient is compressed to index_dim x index_dim (a side of at most index_dim is kept whole); bytes per image = sum over layers of that x the --dtype size (ResNet-50 at 32 in float16: 110.6 kB) (default: {DEFAULT_INDEX_DIM}).")
     parser.add_argument("--basis", choices=BASES, default=DEFAULT_BASIS, help=f"What each layer is projected onto: the top --index_dim eigenvectors of analyze.py's fitted ekfac or kfac factors (fit them first; the index then holds the exact score's leading eigen-directions), or gaussian random matrices that need no factors (unbiased but much noisier at the same size) (default: {DEFAULT_BASIS}).")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="Seed of the gaussian projections, and of the random init with --weights none; the query must use the index's (default: 0).")
     parser.add_argument("--output_dir", type=Path, default=Path(naming.DEFAULT_OUTPUT_DIR), help=f"Where results go (default: {naming.DEFAULT_OUTPUT_DIR}).")
-    parser.add_argument("--analysis_name", help=f"Sub-folder of --output_dir, analyze.py's for this model and data (default: {naming.DEFAULT_ANALYSIS_NAME}; demo: {naming.DEMO_ANALYSIS_NAME}).")
+    parser.add_argument("--analysis_name", help=f"Sub-folder of --output_dir, analyze.py's for this model and data (default: {naming.DEFAULT_ANALYSIS_NAME}; demo: {naming.DEMO_ANALYSIS_NAME}; with another --arch: imagenet_ARCH, demo_ARCH).")
     parser.add_argument("--num_workers", type=non_negative_int, help=f"DataLoader worker processes (default: the CPUs this process may use, at most {hardware.MAX_DEFAULT_WORKERS}; demo 0).")
     parser.add_argument("--device", choices=hardware.DEVICE_CHOICES, default="auto", help="Where to compute: auto = the GPU when torch sees one, else the CPU (default: auto).")
     parser.add_argument("--tf32", choices=TF32_CHOICES, default=DEFAULT_TF32, help=f"Which float32 ops run in TF32 on GPUs that have it, as analyze.py (default: {DEFAULT_TF32}); recorded with the index.")
@@ -117,12 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    problem = pipeline.check_input_flags(args) or pipeline.check_preprocessing_sizes(args.resize_size, args.crop_size)
+    problem = (pipeline.check_input_flags(args) or pipeline.check_model_flags(args)
+               or pipeline.check_preprocessing_sizes(args.resize_size, args.crop_size))
     if problem:
         parser.error(problem)
     defaults = DEMO_DEFAULTS if args.demo else SEED_DEFAULTS
     if args.analysis_name is None:
-        args.analysis_name = defaults["analysis_name"]
+        args.analysis_name = naming.default_analysis_name(args.demo, args.arch)
     if args.num_workers is None:
         args.num_workers = 0 if args.demo else hardware.default_num_workers()
     if args.command == "build":
@@ -165,15 +168,10 @@ def load_inputs(args: argparse.Namespace, with_val: bool) -> Inputs:
     """analyze.py's model and datasets from the same flags (the demo's folder and weights included)."""
     if args.checkpoint is not None:
         pipeline.check_checkpoint_path(args.checkpoint)
-    weights = args.weights
     if args.demo:
         args.dataset_dir = demo.make_demo_dataset()
-        if weights is None and args.checkpoint is None and not pipeline.pretrained_weights_cached():
-            logger.warning("demo: pretrained ResNet-50 weights are not cached (no download here); using random init")
-            weights = pipeline.NO_WEIGHTS
-    if weights is None and args.checkpoint is None:
-        weights = pipeline.DEFAULT_WEIGHTS
-    preprocessing = pipeline.model_preprocessing(weights if args.checkpoint is None else None, args.resize_size, args.crop_size)
+    weights = pipeline.chosen_weights(args.weights, args.checkpoint, args.arch, args.demo)
+    preprocessing = pipeline.model_preprocessing(weights if args.checkpoint is None else None, args.resize_size, args.crop_size, args.arch)
     dataset_dir = Path(args.dataset_dir)
     layouts.prepare_archives(dataset_dir)
     train = pipeline.get_imagenet_dataset("train", dataset_dir, preprocessing=preprocessing)
@@ -181,10 +179,10 @@ def load_inputs(args: argparse.Namespace, with_val: bool) -> Inputs:
     if val is not None:
         pipeline.check_datasets(train, val, 0)
     if args.checkpoint is None and weights != pipeline.NO_WEIGHTS and not args.demo:
-        pipeline.check_pretrained_classes(train, weights)
-    model = pipeline.build_model(weights=weights, checkpoint=args.checkpoint, seed=args.seed)
+        pipeline.check_pretrained_classes(train, weights, args.arch)
+    model = pipeline.build_model(weights=weights, checkpoint=args.checkpoint, seed=args.seed, arch=args.arch, image_size=preprocessing.crop_size)
     pipeline.check_model_fits_classes(train, model)
-    return Inputs(dataset_dir, preprocessing, train, val, model, model_source(weights, args.checkpoint))
+    return Inputs(dataset_dir, preprocessing, train, val, model, model_source(weights, args.checkpoint, args.arch))
 
 
 def input_record(args: argparse.Namespace, inputs: Inputs) -> Dict[str, Any]:
@@ -193,6 +191,8 @@ def input_record(args: argparse.Namespace, inputs: Inputs) -> Dict[str, Any]:
         "dataset_dir": str(inputs.dataset_dir.resolve()),
         "checkpoint": str(args.checkpoint.resolve()) if args.checkpoint is not None else None,
         "preprocessing": dataclasses.asdict(inputs.preprocessing),
+        "arch": args.arch,
+        "tracking": tracking.describe_tracking(inputs.model),
     }
 
 

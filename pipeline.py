@@ -1,10 +1,11 @@
 """Builds what an influence analysis needs, from explicit arguments and nothing else: the torchvision
-ResNet-50 (pretrained weights through torchvision's weights API, a local checkpoint, or random init) and
+classifier (`--arch`, ResNet-50 by default; pretrained weights through torchvision's weights API, a local
+checkpoint, or random init) and
 the ImageNet train/val datasets (torchvision ImageFolder over the folders `influence.data.layouts` finds
 in DATASET_DIR, or a list of labelled files for a flat val) with the evaluation transform. The pieces
 (image folders, preprocessing, weights, checkpoints) live in the `influence` package; this file composes
-them. Every problem a user can fix (a missing folder, an empty class, a checkpoint that is not a
-ResNet-50) is raised as a one-line `UserError` before any heavy work starts."""
+them. Every problem a user can fix (a missing folder, an empty class, a checkpoint that does not
+fit the architecture) is raised as a one-line `UserError` before any heavy work starts."""
 
 from __future__ import annotations
 
@@ -16,22 +17,32 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 from torch.utils import data
-from torchvision.models import ResNet50_Weights, resnet50
 
 from influence.data import layouts
 from influence.data.images import SPLITS, ImageList, IndexedImageFolder, base_image_folder, example_path, visible_classes
 from influence.data.preprocessing import CROP_SIZE, RESIZE_SIZE, Preprocessing, check_preprocessing_sizes
+from influence.model import architectures, checkpoints
+from influence.model.architectures import DEFAULT_ARCH, arch_choices, arch_problem, num_outputs
+from influence.model.attention import make_attention_trackable
 from influence.model.checkpoints import check_checkpoint_path, load_checkpoint_state_dict, model_from_state_dict
 from influence.model.inference import calibrate_batchnorm, top_classes
-from influence.model.weights import DEFAULT_WEIGHTS, NO_WEIGHTS, model_preprocessing, pretrained_weights_cached, weight_choices, weights_cache_path
+from influence.model.weights import (
+    DEFAULT_WEIGHTS,
+    NO_WEIGHTS,
+    default_weights,
+    model_preprocessing,
+    pretrained_weights_cached,
+    weight_choices,
+    weights_cache_path,
+)
 from influence.runtime.cli import UserError
 
 __all__ = [  # the pieces the commands take from here, beside the builders defined below
-    "CROP_SIZE", "DEFAULT_WEIGHTS", "NO_WEIGHTS", "RESIZE_SIZE", "SPLITS", "ImageList", "IndexedImageFolder", "Preprocessing",
+    "CROP_SIZE", "DEFAULT_ARCH", "DEFAULT_WEIGHTS", "arch_choices", "default_weights", "NO_WEIGHTS", "RESIZE_SIZE", "SPLITS", "ImageList", "IndexedImageFolder", "Preprocessing",
     "base_image_folder", "calibrate_batchnorm", "check_checkpoint_path", "check_preprocessing_sizes", "example_path",
     "model_preprocessing", "pretrained_weights_cached", "top_classes", "weight_choices",
     "check_input_flags", "get_imagenet_dataset", "check_datasets", "check_model_fits_classes", "check_pretrained_classes",
-    "build_model", "num_outputs",
+    "build_model", "num_outputs", "check_model_flags", "arch_problem", "chosen_weights", "ARCH_HELP", "WEIGHTS_HELP",
 ]
 
 logger = logging.getLogger(__name__)
@@ -47,6 +58,40 @@ def check_input_flags(args: Any) -> Optional[str]:
     if args.checkpoint is not None and args.weights is not None:
         return "--checkpoint and --weights exclude each other"
     return None
+
+
+ARCH_HELP = (
+    "Which torchvision classifier: any image classification model torchvision registers, by name (resnet18, "
+    "convnext_tiny, efficientnet_b0, mobilenet_v3_small, vit_b_16, ...; default: resnet50, the seed's). Results go "
+    "to imagenet_ARCH/ (demo_ARCH/) unless --analysis_name is given."
+)
+WEIGHTS_HELP = (
+    "torchvision weights of --arch by name (ResNet-50: IMAGENET1K_V1, IMAGENET1K_V2; ConvNeXt_Tiny_Weights.IMAGENET1K_V1 "
+    "spelled out is accepted too), or 'none' for random init"
+)
+
+
+def check_model_flags(args: Any) -> Optional[str]:
+    """What is wrong with --arch and --weights together (None if nothing); `args.weights` is left as the
+    member name (`ResNet50_Weights.IMAGENET1K_V2` -> `IMAGENET1K_V2`)."""
+    problem = arch_problem(args.arch)
+    if problem:
+        return problem
+    problem = architectures.check_weights(args.arch, args.weights)
+    if problem is None and args.weights is not None:
+        args.weights = architectures.resolve_weights_name(args.arch, args.weights)
+    return problem
+
+
+def chosen_weights(weights: Optional[str], checkpoint: Optional[Path], arch: str, demo: bool) -> Optional[str]:
+    """The weights to load (None with a checkpoint): `weights` as given, else the architecture's default;
+    the offline demo falls back to a random init when those are not cached (it downloads nothing)."""
+    if weights is not None or checkpoint is not None:
+        return weights
+    if demo and not pretrained_weights_cached(arch=arch):
+        logger.warning("demo: pretrained %s weights are not cached (no download here); using random init", arch)
+        return NO_WEIGHTS
+    return default_weights(arch)
 
 
 def get_imagenet_dataset(
@@ -105,11 +150,11 @@ def check_model_fits_classes(dataset: data.Dataset, model: nn.Module) -> None:
         raise UserError(f"the dataset has {num_classes} classes but the model has only {num_outputs(model)} outputs")
 
 
-def check_pretrained_classes(dataset: data.Dataset, weights_name: str) -> None:
+def check_pretrained_classes(dataset: data.Dataset, weights_name: str, arch: str = DEFAULT_ARCH) -> None:
     """torchvision's ImageNet weights index their outputs by all 1,000 sorted wnids; ImageFolder numbers
     only the class folders present, so a subset of classes would be scored against the wrong outputs.
     Checked from the weights' metadata, before anything is downloaded."""
-    num_outputs_ = len(ResNet50_Weights[weights_name].meta["categories"])
+    num_outputs_ = len(architectures.weights_entry(arch, weights_name).meta["categories"])
     num_classes = len(base_image_folder(dataset).classes)
     if num_classes != num_outputs_:
         raise UserError(
@@ -119,40 +164,44 @@ def check_pretrained_classes(dataset: data.Dataset, weights_name: str) -> None:
 
 
 def build_model(
-    weights: Optional[str] = DEFAULT_WEIGHTS, checkpoint: Optional[str | Path] = None, seed: int = 0
+    weights: Optional[str] = DEFAULT_WEIGHTS, checkpoint: Optional[str | Path] = None, seed: int = 0,
+    arch: str = DEFAULT_ARCH, image_size: Optional[int] = None,
 ) -> nn.Module:
-    """The ResNet-50 to analyse, in eval mode.
+    """The `arch` classifier to analyse (ResNet-50 by default), in eval mode.
 
     `checkpoint`: a local state-dict file (takes precedence; `weights` must then be None).
-    `weights`: a `ResNet50_Weights` name, or `none` for random init, drawn from `seed` (so that a rerun
-    analyses the same model).
+    `weights`: a name of the architecture's torchvision weights enum, or `none` for random init, drawn from
+    `seed` (so that a rerun analyses the same model).
+    `image_size`: the crop the model sees, for architectures whose parameters depend on it (a vision
+    transformer's position embeddings); torchvision weights fix their own.
+    A vision transformer's attention is rebuilt from trackable layers over the same parameters
+    (influence/model/attention.py).
     """
+    name = checkpoints.ARCH_NAMES.get(arch, arch)
     if checkpoint is not None:
         if weights is not None:
             raise ValueError("pass either weights or checkpoint, not both")
-        model = model_from_state_dict(load_checkpoint_state_dict(checkpoint), f"checkpoint {checkpoint}")
+        model = model_from_state_dict(load_checkpoint_state_dict(checkpoint), f"checkpoint {checkpoint}", arch, image_size)
     elif weights == NO_WEIGHTS:
         logger.warning(
-            "*** --weights none: ResNet-50 is RANDOMLY INITIALISED; influence scores of an untrained model "
-            "say nothing about a trained one. ***"
+            "*** --weights none: %s is RANDOMLY INITIALISED; influence scores of an untrained model "
+            "say nothing about a trained one. ***", name,
         )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = resnet50(weights=None)
+            model = architectures.build(arch, image_size=image_size)
     else:
-        weights = weights or DEFAULT_WEIGHTS
-        if weights not in ResNet50_Weights.__members__:
-            raise UserError(f"unknown weights {weights!r}; choose from {weight_choices()}")
+        weights = weights or default_weights(arch)
+        problem = architectures.check_weights(arch, weights)
+        if problem:
+            raise UserError(problem)
         try:
-            model = resnet50(weights=ResNet50_Weights[weights])
+            model = architectures.build(arch, weights=weights)
         except (urllib.error.URLError, ConnectionError, TimeoutError) as error:
+            enum_name = architectures.weights_enum(arch).__name__
             raise UserError(
-                f"could not download ResNet50_Weights.{weights} ({getattr(error, 'reason', error)}) and it is "
-                f"not cached at {weights_cache_path(weights)}; put the file there, or pass --checkpoint PATH "
+                f"could not download {enum_name}.{weights} ({getattr(error, 'reason', error)}) and it is "
+                f"not cached at {weights_cache_path(weights, arch)}; put the file there, or pass --checkpoint PATH "
                 "to a local state dict"
             ) from None
-    return model.eval()
-
-
-def num_outputs(model: nn.Module) -> int:
-    return model.fc.out_features
+    return make_attention_trackable(model).eval()

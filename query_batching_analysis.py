@@ -18,6 +18,8 @@ from typing import Dict, Optional, Sequence, Tuple
 import numpy as np
 
 from influence.analysis.agreement import PEARSON, SPEARMAN, TOP_K, compare, format_table, summarize
+from influence.model.architectures import DEFAULT_ARCH, arch_problem
+from influence.results import naming
 from influence.results.naming import (
     DEFAULT_ANALYSIS_NAME,
     DEFAULT_OUTPUT_DIR,
@@ -27,7 +29,8 @@ from influence.results.naming import (
     pairwise_scores_path,
     scores_name,
 )
-from influence.results.score_files import ScoreFile, check_writable, open_score_file, query_choice, resolve_scores_path
+from influence.results.records import recorded_arch
+from influence.results.score_files import ScoreFile, check_writable, load_record, open_score_file, query_choice, resolve_scores_path
 from influence.runtime.cli import UserError, non_negative_int, positive_int, setup_logging, user_errors
 
 PROG = "query_batching_analysis.py"
@@ -89,15 +92,29 @@ def seed_scores_path(output_dir: Path, analysis_name: str, rank: Optional[int], 
     return pairwise_scores_path(output_dir, analysis_name, scores_name(SEED_STRATEGY, False, rank, normalization))
 
 
-def default_analysis_name(output_dir: Path, normalization: str) -> str:
-    """The seed's analysis, or the demo's when only the demo has been run (said in the log)."""
+def default_analysis_name(output_dir: Path, normalization: str, arch: str = DEFAULT_ARCH) -> str:
+    """The seed's analysis of `arch`, or the demo's when only the demo has been run (said in the log)."""
     def seed_files_exist(analysis_name: str) -> bool:
         return all(seed_scores_path(output_dir, analysis_name, rank, normalization).is_file() for rank in (None, SEED_LOW_RANK))
 
-    if not seed_files_exist(DEFAULT_ANALYSIS_NAME) and seed_files_exist(DEMO_ANALYSIS_NAME):
-        logger.info("no scores under %s; using the demo's (%s)", output_dir / DEFAULT_ANALYSIS_NAME, output_dir / DEMO_ANALYSIS_NAME)
-        return DEMO_ANALYSIS_NAME
-    return DEFAULT_ANALYSIS_NAME
+    seed, demo = naming.default_analysis_name(False, arch), naming.default_analysis_name(True, arch)
+    if not seed_files_exist(seed) and seed_files_exist(demo):
+        logger.info("no scores under %s; using the demo's (%s)", output_dir / seed, output_dir / demo)
+        return demo
+    return seed
+
+
+def recorded_architecture(full: ScoreFile, low: ScoreFile, arch: Optional[str]) -> Optional[str]:
+    """The architecture both score files were computed with, by their records (None without records);
+    files of two architectures, or of another than --arch, are refused."""
+    found = {path: recorded_arch(load_record(path, warn=False)) for path in (full.path, low.path)}
+    known = {value for value in found.values() if value is not None}
+    if len(known) > 1:
+        raise UserError(f"{full.path} and {low.path} were computed with different models ({' and '.join(sorted(known))})")
+    recorded = next(iter(known), None)
+    if arch is not None and recorded is not None and recorded != arch:
+        raise UserError(f"the scores were computed with {recorded}, not --arch {arch}; drop --arch or pass --arch {recorded}")
+    return recorded
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--low_rank_scores", type=Path, help=f"Low-rank (query-batched) pairwise scores: a score folder or a .safetensors file (default: the `{low_name}` scores under --output_dir/--analysis_name, or those --score_normalization names).")
     parser.add_argument("--score_normalization", choices=NORMALIZATIONS, default=NO_NORMALIZATION, help=f"Which default score files: kronfluence's raw ones (none, the default), or those analyze.py --score_normalization rescaled (e.g. {relative}: `{scores_name(SEED_STRATEGY, False, None, relative)}` and `{scores_name(SEED_STRATEGY, False, SEED_LOW_RANK, relative)}`); other than none it also refuses given files of another normalisation. The two files must always have the same one.")
     parser.add_argument("--output_dir", type=Path, default=Path(DEFAULT_OUTPUT_DIR), help=f"analyze.py's results folder, for the default score files (default: {DEFAULT_OUTPUT_DIR}).")
-    parser.add_argument("--analysis_name", help=f"Sub-folder of --output_dir, for the default score files (default: {DEFAULT_ANALYSIS_NAME}; when it has no scores but `analyze.py --demo` has run, {DEMO_ANALYSIS_NAME}).")
+    parser.add_argument("--analysis_name", help=f"Sub-folder of --output_dir, for the default score files (default: {DEFAULT_ANALYSIS_NAME}; when it has no scores but `analyze.py --demo` has run, {DEMO_ANALYSIS_NAME}; with --arch: imagenet_ARCH or demo_ARCH).")
+    parser.add_argument("--arch", metavar="NAME", help="The architecture analyze.py --arch analysed, for the default score folders; the files' records must name it (default: what they record, resnet50's folders).")
     parser.add_argument("--num_queries", type=positive_int, help="Compare the first N queries (default: all).")
     parser.add_argument("--num_points", type=positive_int, default=DEFAULT_NUM_POINTS, help=f"Training examples drawn at random for the scatter plot (default: {DEFAULT_NUM_POINTS}).")
     parser.add_argument("--scatter_query", type=non_negative_int, default=0, help="Query whose scores the scatter plot shows (default: 0).")
@@ -124,8 +142,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     args = parser.parse_args(argv)
     setup_logging()
     with user_errors(PROG):
+        problem = arch_problem(args.arch) if args.arch is not None else None
+        if problem:
+            parser.error(problem)
         if args.analysis_name is None:
-            args.analysis_name = default_analysis_name(args.output_dir, args.score_normalization)
+            args.analysis_name = default_analysis_name(args.output_dir, args.score_normalization, args.arch or DEFAULT_ARCH)
         full_path = resolve_scores_path(
             args.full_scores or seed_scores_path(args.output_dir, args.analysis_name, None, args.score_normalization)
         )
@@ -146,6 +167,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
                 f"score shapes differ: {full.path} has {full.num_queries} x {full.num_train}, {low.path} has "
                 f"{low.num_queries} x {low.num_train} (queries x training examples); both must score the same queries and training set"
             )
+        arch = recorded_architecture(full, low, args.arch)
         full_queries, low_queries = query_choice(full.path), query_choice(low.path)
         if full_queries[0] and low_queries[0] and full_queries[0] != low_queries[0]:
             raise UserError(
@@ -191,6 +213,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         "full_scores": {"path": str(full.path), "rank": full.rank, "dtype": full.dtype},
         "low_rank_scores": {"path": str(low.path), "rank": low.rank, "dtype": low.dtype},
         "score_normalization": full.normalization,
+        "arch": arch,  # as the score files record it (None without records)
         "num_queries": num_queries,
         "num_train": full.num_train,
         "top_k": list(TOP_K),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 from pathlib import Path
@@ -29,7 +30,7 @@ from influence.explorer import page as explorer
 from influence.explorer.figures import draw_query_figure, draw_self_figure
 from influence.model.inference import predict, predict_classes, prediction_text
 from influence.results import locking, naming
-from influence.results.records import model_source
+from influence.results.records import model_source, recorded_arch, split_model_source
 from influence.results.score_files import check_writable, load_record, open_score_file, read_self_scores, recorded_preprocessing
 from influence.results.top_k import (
     CSV_COLUMNS,
@@ -88,33 +89,46 @@ def model_for_predictions(args: argparse.Namespace, record: Optional[Dict[str, A
 
 def _build_model_for_predictions(args: argparse.Namespace, record: Optional[Dict[str, Any]]) -> Optional[nn.Module]:
     """The model the scores were computed with, for the predictions in the figures: from --weights or
-    --checkpoint, else rebuilt from what the score folder recorded (a torchvision weights name, or a
-    checkpoint found at its recorded path with the recorded sha256)."""
+    --checkpoint, else rebuilt from what the score folder recorded (its architecture, and a torchvision
+    weights name or a checkpoint found at its recorded path with the recorded sha256)."""
     if args.no_prediction:
         return None
     source = (record or {}).get("depends_on", {}).get("model")
     seed = args.seed if args.seed is not None else (record or {}).get("settings", {}).get("seed", 0)
+    arch = recorded_arch(record) or args.arch or pipeline.DEFAULT_ARCH
+    image_size = recorded_preprocessing(record).crop_size  # a vision transformer's position embeddings need it
+    build = functools.partial(pipeline.build_model, seed=seed, arch=arch, image_size=image_size)
     if args.checkpoint is not None:
         pipeline.check_checkpoint_path(args.checkpoint)
-        if source is not None and source != model_source(checkpoint=args.checkpoint):
+        if source is not None and source != model_source(checkpoint=args.checkpoint, arch=arch):
             raise UserError(f"--checkpoint {args.checkpoint} is not the model the scores were computed with ({source})")
-        return pipeline.build_model(weights=None, checkpoint=args.checkpoint)
+        return build(weights=None, checkpoint=args.checkpoint)
     if args.weights is not None:
-        if source is not None and source != model_source(weights=args.weights):
+        problem = pipeline.check_model_flags(argparse.Namespace(arch=arch, weights=args.weights))
+        if problem:
+            raise UserError(problem)
+        if source is not None and source != model_source(weights=args.weights, arch=arch):
             raise UserError(f"--weights {args.weights} is not the model the scores were computed with ({source})")
-        return pipeline.build_model(weights=args.weights, seed=seed)
+        return build(weights=args.weights)
     if source is None:
         logger.warning("no recorded model and no --weights/--checkpoint: figures show no predictions")
         return None
-    kind, _, value = source.partition(":")
+    kind, _, value = split_model_source(source)[1].partition(":")
     if kind == "weights":
-        return pipeline.build_model(weights=value, seed=seed)
+        return build(weights=value)
     recorded = Path((record or {}).get("resolved", {}).get("checkpoint") or "")
-    if recorded.is_file() and model_source(checkpoint=recorded) == source:
-        return pipeline.build_model(weights=None, checkpoint=recorded)
+    if recorded.is_file() and model_source(checkpoint=recorded, arch=arch) == source:
+        return build(weights=None, checkpoint=recorded)
     raise UserError(
         f"the scores were computed with a checkpoint ({source}) that is no longer at {recorded}; pass --checkpoint PATH"
     )
+
+
+def check_recorded_arch(args: argparse.Namespace, record: Optional[Dict[str, Any]], path: Path) -> None:
+    """--arch, when given, must be the architecture the scores were computed with."""
+    arch = recorded_arch(record)
+    if args.arch is not None and arch is not None and arch != args.arch:
+        raise UserError(f"{path} holds scores of {arch}, not of --arch {args.arch}; drop --arch or pass --arch {arch}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--self", dest="self_influence", action="store_true", help="Rank training images by their self-influence scores (from analyze.py --self_influence) instead of listing each query's influencers.")
     parser.add_argument("--scores", type=Path, help="The score file or its scores_NAME folder (default: named by --output_dir, --analysis_name, --factor_strategy, --query_gradient_rank, --use_half_precision, --score_normalization, as analyze.py names it).")
     parser.add_argument("--output_dir", type=Path, default=Path(naming.DEFAULT_OUTPUT_DIR), help=f"analyze.py's results folder, for the default score file (default: {naming.DEFAULT_OUTPUT_DIR}).")
-    parser.add_argument("--analysis_name", help=f"Sub-folder of --output_dir (default: {naming.DEFAULT_ANALYSIS_NAME}; --demo: {naming.DEMO_ANALYSIS_NAME}).")
+    parser.add_argument("--analysis_name", help=f"Sub-folder of --output_dir (default: {naming.DEFAULT_ANALYSIS_NAME}; --demo: {naming.DEMO_ANALYSIS_NAME}; with --arch: imagenet_ARCH, demo_ARCH).")
     parser.add_argument("--factor_strategy", choices=STRATEGIES, default="ekfac", help="Strategy of the default score file (default: ekfac).")
     parser.add_argument("--query_gradient_rank", type=rank_argument, default=None, help=f"Query-gradient rank of the default score file; {FULL_RANK} for full rank (default). Not with --self.")
     parser.add_argument("--use_half_precision", action="store_true", help="The default score file is the bfloat16 one (_half).")
@@ -136,8 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--figure_dir", type=Path, default=Path(naming.DEFAULT_FIGURE_DIR), help=f"Where the PNG figures go (default: {naming.DEFAULT_FIGURE_DIR}).")
     parser.add_argument("--results_dir", type=Path, help="Where the CSV and JSON go (default: beside the score file).")
     parser.add_argument("--no_prediction", action="store_true", help="Do not rebuild the model: figures show labels and scores but no predictions.")
-    parser.add_argument("--weights", choices=pipeline.weight_choices(), help="Model for the predictions: torchvision weights (default: what the score folder's run_config.json records).")
-    parser.add_argument("--checkpoint", type=Path, help="Model for the predictions: a local ResNet-50 state dict (default: the recorded checkpoint, if still at its recorded path with the same sha256).")
+    parser.add_argument("--arch", metavar="NAME", help="The architecture analyze.py --arch analysed, for the default score folder (imagenet_ARCH, demo_ARCH); the model itself is read from the score folder's record, and a different one is refused (default: resnet50's folder).")
+    parser.add_argument("--weights", metavar="NAME", help="Model for the predictions: torchvision weights of the recorded architecture by name (default: what the score folder's run_config.json records).")
+    parser.add_argument("--checkpoint", type=Path, help="Model for the predictions: a local state dict of the recorded architecture (default: the recorded checkpoint, if still at its recorded path with the same sha256).")
     parser.add_argument("--seed", type=non_negative_int, help="Seed of the random-init model with --weights none (default: the recorded seed).")
     parser.add_argument("--html", action="store_true", help=f"Also write a static explorer beside the CSV ({naming.EXPLORER_DIR}/{naming.EXPLORER_INDEX}: every query, its page of helpful and harmful training images, and self-influence when its scores exist); opens offline from file://. Predicts every query unless --no_prediction. Not with --self.")
     parser.add_argument("--thumbnail_workers", type=positive_int, help=f"Threads making the explorer's thumbnails (default: the CPUs this process may use, at most {MAX_THUMBNAIL_WORKERS}). Only with --html.")
@@ -168,8 +183,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         args.figure_top_k = min(args.top_k, DEFAULT_SELF_FIGURE_TOP_K if args.self_influence else DEFAULT_FIGURE_TOP_K)
     if args.figure_top_k > args.top_k:
         parser.error(f"--figure_top_k {args.figure_top_k} is more than --top_k {args.top_k}")
+    problem = pipeline.arch_problem(args.arch) if args.arch is not None else None
+    if problem:
+        parser.error(problem)
     if args.analysis_name is None:
-        args.analysis_name = naming.DEMO_ANALYSIS_NAME if args.demo else naming.DEFAULT_ANALYSIS_NAME
+        args.analysis_name = naming.default_analysis_name(args.demo, args.arch or pipeline.DEFAULT_ARCH)
     if args.demo:
         from influence.data import demo  # pylint: disable=import-outside-toplevel
 
@@ -362,6 +380,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         # The tables go beside the scores: not while analyze.py (or another of these) writes in that folder.
         with locking.writing_into(args.results_dir or path.parent):
             record = load_record(path)
+            check_recorded_arch(args, record, path)
             preprocessing = recorded_preprocessing(record)
             train = pipeline.get_imagenet_dataset("train", args.dataset_dir, preprocessing=preprocessing)
             names = class_names(pipeline.base_image_folder(train).classes, args.dataset_dir)

@@ -311,24 +311,31 @@ def phase_table(phases: List[Dict[str, Any]]) -> str:
 # ------------------------------------------------------------------------------------------- CLI
 
 
-MODELS = ("resnet50", "small")
+SMALL_MODEL = "small"
 
 
-def build_benchmark_model(name: str, seed: int) -> nn.Module:
-    """The analysis's ResNet-50 at random init (weights do not change the cost of any phase), or, to check
-    the benchmark's own workings in seconds, a small CNN whose numbers mean nothing for ImageNet."""
-    if name == "resnet50":
-        return pipeline.build_model(weights=pipeline.NO_WEIGHTS, seed=seed)
+def build_benchmark_model(name: str, seed: int, image_size: int) -> nn.Module:
+    """The analysis's model of architecture `name` (ResNet-50 by default) at random init (weights do not
+    change the cost of any phase), or, to check the benchmark's own workings in seconds, a small CNN whose
+    numbers mean nothing for ImageNet."""
+    if name != SMALL_MODEL:
+        return pipeline.build_model(weights=pipeline.NO_WEIGHTS, seed=seed, arch=name, image_size=image_size)
     torch.manual_seed(seed)
     return nn.Sequential(
         nn.Conv2d(3, 4, kernel_size=7, stride=16, padding=3), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 4)
     ).eval()
 
 
+def benchmark_preprocessing(name: str) -> pipeline.Preprocessing:
+    """The evaluation preset of the architecture's first weights (ResNet-50: 256/224), as analyze.py uses
+    for a random init; the small CNN takes ResNet-50's."""
+    return pipeline.model_preprocessing(None, arch=pipeline.DEFAULT_ARCH if name == SMALL_MODEL else name)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="Device to measure (default: cuda when present, else cpu).")
-    parser.add_argument("--model", choices=MODELS, default="resnet50", help="resnet50 (default), or small: a tiny CNN that checks the benchmark runs end to end in seconds (its numbers mean nothing).")
+    parser.add_argument("--model", "--arch", dest="model", metavar="NAME", default=pipeline.DEFAULT_ARCH, help="The architecture to measure, any of analyze.py's --arch (default: resnet50), at its weights' crop size; or small: a tiny CNN that checks the benchmark runs end to end in seconds (its numbers mean nothing).")
     parser.add_argument("--strategy", choices=("ekfac", "identity"), default="ekfac", help="ekfac (default), or identity to measure scoring alone without fitting factors: the training side of scoring costs the same, only the query side is preconditioned.")
     parser.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES), help="Phases to measure (default: all); lambda and scores need the eigendecomposition, which needs the covariance.")
     parser.add_argument("--precisions", nargs="+", choices=PRECISIONS, help="Precisions of the covariance, lambda and score phases (default: both on a GPU; float32 on the CPU, where bfloat16 without CPU bfloat16 instructions is about 50 times slower).")
@@ -352,6 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
+    problem = pipeline.arch_problem(args.model) if args.model != SMALL_MODEL else None
+    if problem:
+        parser.error(f"{problem}, or small")
     args.device_choice = args.device
     try:
         args.device = hardware.resolve_device(args.device)
@@ -392,10 +402,11 @@ def run(args: argparse.Namespace, device: torch.device, workdir: Path) -> Dict[s
     print(hardware.describe_device(device.type, getattr(args, "device_choice", device.type)))
     per_class = math.ceil(args.num_train / args.num_classes)
     dataset_dir = make_synthetic_imagenet(workdir / "imagenet", args.num_classes, per_class, math.ceil(args.num_queries / args.num_classes))
-    train = subset(pipeline.get_imagenet_dataset("train", dataset_dir), args.num_train)
-    queries = subset(pipeline.get_imagenet_dataset("val", dataset_dir), args.num_queries)
+    preprocessing = benchmark_preprocessing(args.model)
+    train = subset(pipeline.get_imagenet_dataset("train", dataset_dir, preprocessing=preprocessing), args.num_train)
+    queries = subset(pipeline.get_imagenet_dataset("val", dataset_dir, preprocessing=preprocessing), args.num_queries)
     peaks = device_peaks(device, tf32 != "off", args.precisions)
-    model = build_benchmark_model(args.model, SEED)
+    model = build_benchmark_model(args.model, SEED, preprocessing.crop_size)
     analyzer = make_analyzer(model, settings)
     bench = Bench(analyzer, settings, train, queries, device, peaks, False, args.num_queries)
     phases = measure_all(bench, args)

@@ -54,7 +54,7 @@ class TinyNet(nn.Module):
         return self.fc(self.pool(x).flatten(1))
 
 
-def build_tiny_model(weights=None, checkpoint=None, seed: int = 0, num_classes: int = 2) -> nn.Module:
+def build_tiny_model(weights=None, checkpoint=None, seed: int = 0, num_classes: int = 2, arch: str = "resnet50", image_size=None) -> nn.Module:
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         return TinyNet(num_classes).eval()

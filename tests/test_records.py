@@ -82,7 +82,7 @@ def test_torchvision_weights_bring_their_own_preprocessing_and_record_it(monkeyp
     """IMAGENET1K_V2 is evaluated with Resize(232); the run uses and records that (no download: the model is
     replaced by a tiny one and the 1,000-class check by a no-op, the weights' metadata is local)."""
     dataset = write_image_folder(tmp_path / "imagenet", tiny_counts())
-    monkeypatch.setattr(pipeline, "check_pretrained_classes", lambda dataset, weights: None)
+    monkeypatch.setattr(pipeline, "check_pretrained_classes", lambda dataset, weights, arch="resnet50": None)
     monkeypatch.setattr(pipeline, "build_model", build_tiny_model)
     analyze.main([
         "--dataset_dir", str(dataset), "--weights", "IMAGENET1K_V2", "--num_workers", "0",

@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils import data
 
 from influence.analysis.settings import HALF_DTYPE, AnalysisSettings, uses_channels_last
+from influence.model.tracking import tracked_layers
 from influence.results import naming
 from influence.results.records import claim_results_dir, precision_record, write_json_atomically
 from influence.runtime import distributed
@@ -55,11 +56,6 @@ def query_gradient_bytes(model: nn.Module, rank: Optional[int], itemsize: int) -
     for rows, columns in tracked_layer_shapes(model):
         total += rows * columns if rank is None else min(rows * columns, rank * (rows + columns))
     return total * itemsize
-
-
-def tracked_layers(model: nn.Module) -> List[nn.Module]:
-    """The layers kronfluence tracks: every Conv2d and Linear."""
-    return [module for module in model.modules() if isinstance(module, (nn.Conv2d, nn.Linear))]
 
 
 def layer_shape(module: nn.Module) -> Tuple[int, int]:

@@ -15,6 +15,7 @@ from kronfluence.task import Task
 from torch import nn
 
 from influence.analysis.settings import AnalysisSettings, dataloader_kwargs, uses_channels_last
+from influence.model import tracking
 from influence.runtime import distributed
 
 
@@ -38,7 +39,8 @@ class ClassificationTask(Task):
     Training loss: summed cross-entropy; with `sample=True` the labels are drawn from the model's own
     predictive distribution (true Fisher), reproducibly per example (see `sample_labels`).
     Measurement: the margin -(logit_correct - logsumexp(other logits)), summed.
-    Tracked layers: every Conv2d and Linear (kronfluence's choice when no list is given).
+    Tracked layers: every Conv2d and Linear, subclasses included (kronfluence's choice when no list is
+    given; influence/model/tracking.py).
     """
 
     def __init__(self, seed: int, channels_last: bool = False) -> None:
@@ -78,6 +80,7 @@ def make_analyzer(model: nn.Module, settings: AnalysisSettings) -> Any:
     task = ClassificationTask(settings.seed, channels_last=uses_channels_last(settings))
     if uses_channels_last(settings):
         model = model.to(memory_format=torch.channels_last)
+    tracking.register_subclasses(model)
     model = prepare_model(model, task)
     if distributed.uses_gloo():
         from influence.runtime import gloo_shim  # pylint: disable=import-outside-toplevel

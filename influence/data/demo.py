@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from torch.utils import data
 
+from influence.model.architectures import DEFAULT_ARCH
 from influence.results import naming
 from influence.data.images import SPLITS, base_image_folder, example_path
 
@@ -114,6 +115,7 @@ def report(
     train_dataset: data.Dataset,
     query_dataset: data.Dataset,
     profile_table: str,
+    arch: str = DEFAULT_ARCH,
 ) -> str:
     """The demo's closing report, as text. `results`/`scores` are keyed by scores name."""
     lines: List[str] = ["", "=" * 30 + " demo report " + "=" * 30]
@@ -144,30 +146,36 @@ def report(
         )
     name, path = next(iter(results.items()))
     table, summary = naming.top_influences_tables(path.parent, self_influence=False)
-    figure = naming.top_influences_figure_path(naming.DEFAULT_FIGURE_DIR, naming.DEMO_ANALYSIS_NAME, name, 0)
+    figure = naming.top_influences_figure_path(naming.DEFAULT_FIGURE_DIR, path.parent.parent.name, name, 0)
+    flags = _arch_flag(arch)
     lines += [
         "",
         "every query's most helpful and most harmful training images, as files and pictures:",
-        "  python top_influences.py --demo",
+        f"  python top_influences.py --demo{flags}",
         f"    -> {table}, {summary}, {figure} (one figure per query)",
         "training images ranked by self-influence (atypical or mislabelled ones first):",
-        "  python analyze.py --demo --self_influence && python top_influences.py --demo --self",
+        f"  python analyze.py --demo{flags} --self_influence && python top_influences.py --demo{flags} --self",
         "browse every query's answers in a web browser (offline, no server; run the line above first for its",
         "self-influence page):",
-        "  python top_influences.py --demo --html",
+        f"  python top_influences.py --demo{flags} --html",
         f"    -> open {naming.explorer_index(path.parent)}",
     ]
     return "\n".join(lines)
 
 
-def self_influence_report(name: str, path: Path, profile_table: str) -> str:
+def _arch_flag(arch: str) -> str:
+    """What the printed commands add for an architecture other than the default."""
+    return "" if arch == DEFAULT_ARCH else f" --arch {arch}"
+
+
+def self_influence_report(name: str, path: Path, profile_table: str, arch: str = DEFAULT_ARCH) -> str:
     """What `analyze.py --demo --self_influence` prints: where the scores are and what reads them."""
     table, summary = naming.top_influences_tables(path.parent, self_influence=True)
-    figure = naming.top_influences_figure_path(naming.DEFAULT_FIGURE_DIR, naming.DEMO_ANALYSIS_NAME, name)
+    figure = naming.top_influences_figure_path(naming.DEFAULT_FIGURE_DIR, path.parent.parent.name, name)
     return "\n".join([
         "", "=" * 24 + " demo self-influence report " + "=" * 24,
         f"self-influence scores `{name}`: {path} (one per training image)",
         "", "profile (all phases of this process):", profile_table, "",
-        "training images ranked by self-influence: python top_influences.py --demo --self",
+        f"training images ranked by self-influence: python top_influences.py --demo{_arch_flag(arch)} --self",
         f"    -> {table}, {summary}, {figure}",
     ])

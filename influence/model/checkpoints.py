@@ -1,6 +1,6 @@
-"""A ResNet-50 from a local checkpoint file: a plain state dict, a safetensors file, or a training
-script's wrapper (torchvision's reference train.py included), read without running code from the file;
-every file that does not fit a ResNet-50 is one line saying why. Also the checkpoint's sha256, which
+"""A model of the chosen architecture (ResNet-50 by default) from a local checkpoint file: a plain state
+dict, a safetensors file, or a training script's wrapper (torchvision's reference train.py included), read
+without running code from the file; every file that does not fit the architecture is one line saying why. Also the checkpoint's sha256, which
 results are recorded against."""
 
 from __future__ import annotations
@@ -9,12 +9,12 @@ import argparse
 import hashlib
 import re
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 from torch import nn
-from torchvision.models import resnet50
 
+from influence.model import architectures
 from influence.runtime.cli import UserError
 
 # Keys under which training scripts commonly wrap a state dict.
@@ -25,6 +25,8 @@ CHECKPOINT_SAFE_GLOBALS = (argparse.Namespace,)
 # How torch's weights-only unpickler names an object it refuses to build.
 UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
 DDP_PREFIX = "module."
+# How messages name the default architecture (its results and tests say ResNet-50).
+ARCH_NAMES = {"resnet50": "ResNet-50"}
 
 
 def _read_checkpoint(path: Path) -> Dict[str, Any]:
@@ -56,7 +58,7 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 def load_checkpoint_state_dict(path: str | Path) -> Dict[str, torch.Tensor]:
-    """A ResNet-50 state dict from a file: plain, or wrapped under `state_dict`/`model` (torchvision's
+    """A state dict from a file: plain, or wrapped under `state_dict`/`model` (torchvision's
     reference train.py checkpoints, their `args` Namespace included), with or without the `module.` prefix
     that DistributedDataParallel adds."""
     path = Path(path)
@@ -70,24 +72,32 @@ def load_checkpoint_state_dict(path: str | Path) -> Dict[str, torch.Tensor]:
         raise UserError(f"checkpoint {path} does not hold a state dict of tensors")
     return {k[len(DDP_PREFIX) :] if k.startswith(DDP_PREFIX) else k: v for k, v in state_dict.items()}
 
-def model_from_state_dict(state_dict: Dict[str, torch.Tensor], source: str) -> nn.Module:
-    """A ResNet-50 with these weights; the number of outputs is read from `fc.weight`."""
-    if "fc.weight" not in state_dict or state_dict["fc.weight"].dim() != 2:
-        raise UserError(f"{source} is not a ResNet-50 state dict: it has no 2-d `fc.weight`")
-    model = resnet50(weights=None, num_classes=state_dict["fc.weight"].shape[0])
+def model_from_state_dict(
+    state_dict: Dict[str, torch.Tensor], source: str, arch: str = architectures.DEFAULT_ARCH, image_size: Optional[int] = None
+) -> nn.Module:
+    """A model of `arch` with these weights; the number of outputs is read from its classifier's last
+    layer (`fc.weight` for a ResNet), the input size of a vision transformer is `image_size`."""
+    name = ARCH_NAMES.get(arch, arch)
+    with torch.device("meta"):  # the layer's name only: no memory, no initialisation
+        layer_name, _ = architectures.output_layer(architectures.build(arch, image_size=image_size))
+    key = f"{layer_name}.weight"
+    if key not in state_dict or state_dict[key].dim() not in (2, 4):
+        raise UserError(f"{source} is not a {name} state dict: it has no `{key}` (its classifier's last layer)")
+    model = architectures.build(arch, num_classes=state_dict[key].shape[0], image_size=image_size)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     if missing or unexpected:
         raise UserError(
-            f"{source} does not fit ResNet-50: {len(missing)} keys missing (e.g. {missing[:3]}), "
-            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+            f"{source} does not fit {name}: {len(missing)} keys missing (e.g. {missing[:3]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}); another architecture needs --arch"
         )
     for key, tensor in expected.items():
         if state_dict[key].shape != tensor.shape:
             raise UserError(
-                f"{source} does not fit ResNet-50: `{key}` has shape {tuple(state_dict[key].shape)}, "
+                f"{source} does not fit {name}: `{key}` has shape {tuple(state_dict[key].shape)}, "
                 f"expected {tuple(tensor.shape)}"
+                + (" (a vision transformer trained at another size needs --crop_size)" if "pos_embedding" in key else "")
             )
     model.load_state_dict(state_dict)
     return model

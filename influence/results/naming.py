@@ -9,6 +9,8 @@ from typing import Optional, Tuple
 
 from kronfluence.utils.constants import FACTOR_SAVE_PREFIX, SCORE_SAVE_PREFIX
 
+from influence.model.architectures import DEFAULT_ARCH
+
 DEFAULT_OUTPUT_DIR = "influence_results"
 DEFAULT_ANALYSIS_NAME = "imagenet"
 DEFAULT_FIGURE_DIR = "figure"
@@ -27,6 +29,13 @@ LOW_RANK_SUFFIX = "_qlr"
 NO_NORMALIZATION = "none"
 NORMALIZATIONS = (NO_NORMALIZATION, "relative", "cosine")
 NORMALIZATION_METADATA_KEY = "score_normalization"  # in a normalised score file's safetensors metadata
+
+
+def default_analysis_name(demo: bool, arch: str = DEFAULT_ARCH) -> str:
+    """`imagenet` / `demo` for ResNet-50 (the seed's), `imagenet_ARCH` / `demo_ARCH` for any other
+    architecture, so that two models' results never meet in one folder."""
+    name = DEMO_ANALYSIS_NAME if demo else DEFAULT_ANALYSIS_NAME
+    return name if arch == DEFAULT_ARCH else f"{name}_{arch}"
 
 
 def factors_name(strategy: str, use_half_precision: bool) -> str:

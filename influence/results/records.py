@@ -14,7 +14,7 @@ import shutil
 import sys
 import uuid
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -22,7 +22,7 @@ from torch.utils import data
 
 from influence.analysis.settings import AnalysisSettings
 from influence.data import images
-from influence.model import checkpoints
+from influence.model import architectures, checkpoints
 from influence.results import naming
 from influence.runtime.cli import UserError
 
@@ -30,14 +30,31 @@ logger = logging.getLogger("analyze")
 
 # Write errors a user fixes by freeing space (or raising a quota or file-size limit), then resuming.
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+# Before the model in a recorded model source of any architecture but ResNet-50.
+ARCH_PREFIX = "arch:"
 
 
-def model_source(weights: Optional[str] = None, checkpoint: Optional[Path] = None) -> str:
+def model_source(weights: Optional[str] = None, checkpoint: Optional[Path] = None, arch: str = architectures.DEFAULT_ARCH) -> str:
     """What results record as their model: `checkpoint sha256:...` (the file's content, wherever it is)
-    or `weights:NAME` (torchvision's, or `none` for a random init)."""
-    if checkpoint is not None:
-        return f"checkpoint sha256:{checkpoints.file_sha256(checkpoint)}"
-    return f"weights:{weights}"
+    or `weights:NAME` (torchvision's, or `none` for a random init), after `arch:NAME ` for any architecture
+    but ResNet-50 (whose results keep the record they always had), so a changed --arch is refused on rerun."""
+    model = f"checkpoint sha256:{checkpoints.file_sha256(checkpoint)}" if checkpoint is not None else f"weights:{weights}"
+    return model if arch == architectures.DEFAULT_ARCH else f"{ARCH_PREFIX}{arch} {model}"
+
+
+def split_model_source(source: str) -> Tuple[str, str]:
+    """(architecture, model) of a recorded model source: `arch:vit_b_16 weights:none` -> (`vit_b_16`,
+    `weights:none`); a source without an architecture is ResNet-50's."""
+    if source.startswith(ARCH_PREFIX):
+        arch, _, model = source[len(ARCH_PREFIX):].partition(" ")
+        return arch, model
+    return architectures.DEFAULT_ARCH, source
+
+
+def recorded_arch(record: Optional[Dict[str, Any]]) -> Optional[str]:
+    """The architecture a run record's results were computed with (None: no record or no model in it)."""
+    source = (record or {}).get("depends_on", {}).get("model")
+    return None if source is None else split_model_source(source)[0]
 
 
 def dataset_provenance(train_dataset: data.Dataset, query_dataset: data.Dataset, model_source: str) -> Dict[str, Any]:
