@@ -20,6 +20,7 @@ from torch import nn
 import analyze
 import gradient_index
 import pipeline
+import top_influences
 from influence.analysis.settings import AnalysisSettings
 from influence.model import architectures, attention, tracking
 from influence.results import naming, preflight
@@ -217,3 +218,14 @@ def test_another_architectures_checkpoint_or_a_changed_arch_is_refused(dataset, 
         analyze.main([*common, "--arch", "mobilenet_v3_small"])  # a resnet18 file read as a MobileNet
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "is not a mobilenet_v3_small state dict: it has no `classifier.3.weight`" in err
+
+    # top_influences.py rebuilds the recorded architecture from the record (the checkpoint at its recorded
+    # path) for its predictions, and refuses another --arch.
+    shown = ["--dataset_dir", str(dataset), "--output_dir", str(output_dir), "--analysis_name", "mine",
+             "--factor_strategy", "identity", "--figure_dir", str(tmp_path / "figures"), "--num_figures", "1"]
+    result = top_influences.main([*shown, "--arch", "resnet18"])  # a ResNet-50 could not load this checkpoint
+    assert len(result["queries"]) == 2 and result["queries"][0]["prediction"] and len(result["figures"]) == 1
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        top_influences.main([*shown, "--arch", "resnet34"])
+    assert "holds scores of resnet18, not of --arch resnet34" in capsys.readouterr().err

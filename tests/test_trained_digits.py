@@ -49,8 +49,8 @@ def test_same_seed_trains_the_same_weights(tmp_path):
     torch.set_num_threads(1)
     images, labels = torch.randn(12, 3, 32, 32), torch.arange(12) % digits.NUM_CLASSES
     training = digits.Training(epochs=1, batch_size=4)
-    first, again = (digits.train_resnet50(images, labels, training, seed=0) for _ in range(2))
-    other = digits.train_resnet50(images, labels, training, seed=0, excluded=[3])
+    first, again = (digits.train_model(images, labels, training, seed=0) for _ in range(2))
+    other = digits.train_model(images, labels, training, seed=0, excluded=[3])
     assert torch.equal(first.fc.weight, again.fc.weight)
     assert not torch.equal(first.fc.weight, other.fc.weight)
 

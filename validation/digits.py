@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
-from torchvision.models import resnet50
 from tqdm.auto import tqdm
 
 import pipeline
+from influence.model import architectures
 from influence.runtime.cli import UserError
 
 NUM_CLASSES = 10
@@ -164,16 +164,17 @@ def epoch_batches(num_train: int, batch_size: int, generator: torch.Generator, e
     return [batch for batch in batches if len(batch) >= 2]
 
 
-def train_resnet50(
-    images: torch.Tensor, labels: torch.Tensor, training: Training, seed: int, excluded: Sequence[int] = ()
+def train_model(
+    images: torch.Tensor, labels: torch.Tensor, training: Training, seed: int, excluded: Sequence[int] = (),
+    arch: str = architectures.DEFAULT_ARCH,
 ) -> nn.Module:
-    """`resnet50(weights=None, num_classes=10)` drawn from `seed` and trained on `images` (already
-    preprocessed) without the positions in `excluded`; the same seed gives the same weights, and the same
-    batches less the excluded images. Returns the model in eval mode."""
+    """torchvision's `arch` (ResNet-50 by default) with 10 outputs, drawn from `seed` and trained on `images`
+    (already preprocessed) without the positions in `excluded`; the same seed gives the same weights, and
+    the same batches less the excluded images. Returns the model in eval mode."""
     left_out = torch.tensor(sorted(set(int(i) for i in excluded)), dtype=torch.long)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = resnet50(weights=None, num_classes=NUM_CLASSES)
+        model = architectures.build(arch, num_classes=NUM_CLASSES, image_size=images.shape[-1])
     generator = torch.Generator().manual_seed(seed)
     schedule = [epoch_batches(len(labels), training.batch_size, generator, left_out) for _ in range(training.epochs)]
     total = sum(len(batches) for batches in schedule)
@@ -187,7 +188,7 @@ def train_resnet50(
     optimizer = torch.optim.AdamW(model.parameters(), lr=training.learning_rate, weight_decay=training.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     model.train()
-    with tqdm(total=total, desc=f"training ResNet-50 ({len(labels) - len(left_out)} images)", unit="step") as progress:
+    with tqdm(total=total, desc=f"training {arch} ({len(labels) - len(left_out)} images)", unit="step") as progress:
         for epoch, batches in enumerate(schedule, 1):
             for batch in batches:
                 loss = nn.functional.cross_entropy(model(images[batch]), labels[batch])

@@ -70,7 +70,7 @@ def draw_lds_figure(path: Path, lds_result: Dict[str, Dict[str, Dict[str, Any]]]
 def report_table(result: Dict[str, Any]) -> str:
     """The report as text: one line per number, each named by its statistic."""
     lines = [
-        f"trained ResNet-50 on {result['num_train']} digit scans ({result['num_planted']} planted mislabels), "
+        f"trained {result.get('arch', 'resnet50')} on {result['num_train']} digit scans ({result['num_planted']} planted mislabels), "
         f"crop {result['crop_size']} px",
         f"  train accuracy (given labels) {result['train_accuracy']:.3f}   val accuracy {result['val_accuracy']:.3f} "
         f"({result['num_queries']} images, the queries)   test accuracy {result['test_accuracy']:.3f}",

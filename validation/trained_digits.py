@@ -77,6 +77,7 @@ class RunSize:
     lds_ceiling_subsets: int  # the first of them retrained again from seed SEED + 1, for the noise ceiling
     index_dim: int  # gradient_index.py's EKFAC-basis index: EKFAC scores from it, beside the exact ones
     index_normalizations: Sequence[str]  # which of them (each is one query pass, about 1.7 s per query on 2 cores)
+    arch: str = pipeline.DEFAULT_ARCH  # the torchvision classifier trained and analysed (--arch)
 
 
 FULL = RunSize(
@@ -133,8 +134,13 @@ TEST = dataclasses.replace(
 )
 
 
-def checkpoint_path(work_dir: Path, excluded_name: str = "") -> Path:
-    return work_dir / f"resnet50_digits{excluded_name}.pt"
+def checkpoint_path(work_dir: Path, excluded_name: str = "", arch: str = pipeline.DEFAULT_ARCH) -> Path:
+    return work_dir / f"{arch}_digits{excluded_name}.pt"
+
+
+def for_arch(size: RunSize, arch: str) -> RunSize:
+    """The run for another architecture: the same sizes, its own name (work folder, analysis, figures)."""
+    return size if arch == pipeline.DEFAULT_ARCH else dataclasses.replace(size, name=f"{size.name}_{arch}", arch=arch)
 
 
 def figure_paths(figure_dir: Path, size: RunSize) -> Dict[str, Path]:
@@ -173,14 +179,14 @@ class Steps:
 
 
 def trained_checkpoint(path: Path, images: torch.Tensor, labels: torch.Tensor, size: RunSize, excluded: Sequence[int]) -> torch.nn.Module:
-    """The ResNet-50 trained without `excluded`, from `path` when a run with the same training record
+    """The model (`size.arch`) trained without `excluded`, from `path` when a run with the same training record
     saved it (the record beside it says how it was trained), else trained now and saved."""
     record = {"layout": dataclasses.asdict(size.layout), "training": dataclasses.asdict(size.training), "seed": SEED,
               "excluded": sorted(int(i) for i in excluded), "preprocessing": dataclasses.asdict(size.preprocessing)}
     record_path = path.with_suffix(".json")
     if path.is_file() and record_path.is_file() and json.loads(record_path.read_text()) == record:
-        return pipeline.build_model(weights=None, checkpoint=path)
-    model = digits.train_resnet50(images, labels, size.training, SEED, excluded)
+        return pipeline.build_model(weights=None, checkpoint=path, arch=size.arch, image_size=size.preprocessing.crop_size)
+    model = digits.train_model(images, labels, size.training, SEED, excluded, size.arch)
     partial = path.with_suffix(".partial")
     torch.save(model.state_dict(), partial)
     partial.replace(path)
@@ -227,7 +233,7 @@ def model_argv(data_dir: Path, checkpoint: Path, output_dir: Path, size: RunSize
     """The flags analyze.py and gradient_index.py share here: the data, the checkpoint and its sizes, the
     analysis folder, one process without DataLoader workers (2 CPU cores)."""
     return [
-        "--dataset_dir", str(data_dir), "--checkpoint", str(checkpoint),
+        "--arch", size.arch, "--dataset_dir", str(data_dir), "--checkpoint", str(checkpoint),
         "--resize_size", str(size.preprocessing.resize_size), "--crop_size", str(size.preprocessing.crop_size),
         "--output_dir", str(output_dir), "--analysis_name", size.name, "--num_workers", "0",
         "--overwrite",  # the analysis is this script's own: results of an earlier checkpoint are replaced, matching ones reused
@@ -319,7 +325,7 @@ def lds_margins(size: RunSize, tensors: Dict[str, torch.Tensor], work_dir: Path)
     masks = lds.draw_subsets(len(train_labels), size.lds_subsets, SEED)
 
     def train_and_measure(mask: np.ndarray, seed: int) -> torch.Tensor:
-        model = digits.train_resnet50(train_images, train_labels, size.training, seed, np.flatnonzero(~mask).tolist())
+        model = digits.train_model(train_images, train_labels, size.training, seed, np.flatnonzero(~mask).tolist(), size.arch)
         return digits.margins(digits.logits_of(model, tensors["val_images"]), tensors["val_labels"])
 
     record = {"layout": dataclasses.asdict(size.layout), "training": dataclasses.asdict(size.training),
@@ -349,10 +355,10 @@ def validate(size: RunSize, work_dir: Path, output_dir: Path, figure_dir: Path) 
     tensors = {f"{split}_{part}": tensor for split, (images, labels, _) in splits.items() for part, tensor in (("images", images), ("labels", labels))}
     train_paths = splits["train"][2]
     planted = digits.planted_positions(record, train_paths)
-    checkpoint = checkpoint_path(work_dir)
+    checkpoint = checkpoint_path(work_dir, arch=size.arch)
     model = trained_checkpoint(checkpoint, tensors["train_images"], tensors["train_labels"], size, ())
     accuracy = {split: digits.accuracy(digits.logits_of(model, tensors[f"{split}_images"]), tensors[f"{split}_labels"]) for split in digits.SPLITS}
-    print(f"ResNet-50 trained: accuracy train {accuracy['train']:.3f}, val {accuracy['val']:.3f}, test {accuracy['test']:.3f}", flush=True)
+    print(f"{size.arch} trained: accuracy train {accuracy['train']:.3f}, val {accuracy['val']:.3f}, test {accuracy['test']:.3f}", flush=True)
 
     # The retrainings first: they need no scores, and once cached a failed step later costs none of them.
     print(f"[--] LDS: {size.lds_subsets} retrainings on random halves of the training set, {size.lds_ceiling_subsets} again from a second seed", flush=True)
@@ -379,6 +385,7 @@ def validate(size: RunSize, work_dir: Path, output_dir: Path, figure_dir: Path) 
     train_labels, query_labels = tensors["train_labels"], tensors["val_labels"]
     return {
         "run": size.name,
+        "arch": size.arch,
         "num_train": len(train_labels),
         "num_planted": len(planted),
         "num_queries": num_queries,
@@ -416,6 +423,7 @@ def validate(size: RunSize, work_dir: Path, output_dir: Path, figure_dir: Path) 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help=f"A smaller run ({QUICK.layout.num_images} of the 1,797 scans, no KFAC, no relative or cosine EKFAC, rank 32 only, {QUICK.lds_subsets} LDS retrainings instead of {FULL.lds_subsets}): about {QUICK_MINUTES} minutes on 2 cores instead of {FULL_MINUTES}.")
+    parser.add_argument("--arch", default=pipeline.DEFAULT_ARCH, metavar="NAME", help="The torchvision classifier trained on the digits and analysed, any of analyze.py's --arch (default: resnet50); another one's work folder, analysis and figures carry its name (trained_digits_resnet18).")
     parser.add_argument("--json", type=Path, help="Also write the report as JSON to this file.")
     parser.add_argument("--work_dir", type=Path, help="Digits folder, checkpoints, LDS retrainings and step logs (default: data/trained_digits, or data/trained_digits_quick).")
     parser.add_argument("--output_dir", type=Path, default=Path(naming.DEFAULT_OUTPUT_DIR), help=f"analyze.py's --output_dir (default: {naming.DEFAULT_OUTPUT_DIR}); the analysis is named trained_digits[_quick].")
@@ -424,9 +432,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    problem = pipeline.arch_problem(args.arch)
+    if problem:
+        parser.error(problem)
     setup_logging()
-    size = QUICK if args.quick else FULL
+    size = for_arch(QUICK if args.quick else FULL, args.arch)
     work_dir = (args.work_dir or Path("data") / size.name).resolve()
     with user_errors(PROG):
         # Checked before the training and the analyses, not after them.
