@@ -190,6 +190,12 @@ def build_model(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = architectures.build(arch, image_size=image_size)
+            _, head = architectures.output_layer(model)
+            if not head.weight.any():
+                # torchvision starts a vision transformer's head at zero: no gradient would reach any other
+                # layer, every factor but the head's would be zero and the damping with it.
+                logger.warning("%s's random init leaves its classifier at zero; drawn as nn.%s's default init instead", arch, type(head).__name__)
+                head.reset_parameters()
     else:
         weights = weights or default_weights(arch)
         problem = architectures.check_weights(arch, weights)

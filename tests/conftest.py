@@ -134,7 +134,7 @@ def pytest_configure(config):
 
 
 # The files of the slow tests, longest first (measured: about 4.5, 1 and 1.5 minutes on one thread).
-LONGEST_FIRST = ("test_trained_digits.py", "test_gpu_check.py", "test_distributed.py")
+LONGEST_FIRST = ("test_trained_digits.py", "test_gpu_check.py", "test_distributed.py", "test_architectures.py")
 
 
 def pytest_collection_modifyitems(session, config, items):

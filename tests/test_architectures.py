@@ -129,7 +129,7 @@ def test_identity_scores_equal_float64_autograd_over_the_tracked_parameters(arch
     torch.testing.assert_close(scores.double(), expected, rtol=3e-3, atol=1e-5 * expected.abs().max().item())
 
 
-def test_ekfac_gradient_index_and_preflight_on_mobilenet_v3_small(dataset, tmp_path):
+def test_ekfac_gradient_index_and_preflight_on_mobilenet_v3_small(dataset, tmp_path, capsys):
     """EKFAC end to end on a model with depthwise convolutions and squeeze-excitation layers: the files equal
     preflight's count, and a gradient index wide enough to keep every layer whole gives the same scores."""
     arch, output_dir = "mobilenet_v3_small", tmp_path / "out"
@@ -152,6 +152,12 @@ def test_ekfac_gradient_index_and_preflight_on_mobilenet_v3_small(dataset, tmp_p
     path = gradient_index.main(["query", *index_flags, "--num_queries", "2", "--damping_factor", "heuristic"])
     assert path.parent.parent.name == f"imagenet_{arch}"
     torch.testing.assert_close(_scores(path), exact, rtol=1e-3, atol=1e-4 * exact.abs().max().item())
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # another architecture against these factors: named from their record
+        gradient_index.main(["query", "--arch", "resnet18", "--weights", "none", "--analysis_name", f"imagenet_{arch}",
+                             "--dataset_dir", str(dataset), "--resize_size", str(SIZE), "--crop_size", str(SIZE), "--num_workers", "0",
+                             "--output_dir", str(output_dir), "--index_dim", str(whole), "--num_queries", "2"])
+    assert f"were fitted for --arch {arch}, not resnet18: pass --arch {arch}" in capsys.readouterr().err
 
 
 def test_tracking_is_stated_and_attention_is_tracked():
@@ -189,6 +195,9 @@ def test_defaults_stay_resnet50_and_other_weights_have_their_own_preset():
     assert pipeline.model_preprocessing("IMAGENET1K_V1", arch="efficientnet_b0") == pipeline.Preprocessing(256, 224, "bicubic")
     assert pipeline.model_preprocessing(None, arch="convnext_tiny") == pipeline.Preprocessing(236, 224, "bilinear")
     assert pipeline.default_weights("vit_h_14") == "IMAGENET1K_SWAG_E2E_V1"
+    # torchvision's zero head on a random-init ViT would leave every other gradient zero: drawn instead.
+    vit = pipeline.build_model(weights=pipeline.NO_WEIGHTS, arch="vit_b_16", image_size=SIZE)
+    assert vit.heads.head.weight.abs().min() > 0 and isinstance(vit.encoder.layers[0].self_attention, attention.SelfAttention)
 
 
 @pytest.mark.parametrize("argv, message", [
