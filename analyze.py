@@ -83,8 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--arch", default=pipeline.DEFAULT_ARCH, metavar="NAME", help=pipeline.ARCH_HELP)
     parser.add_argument("--weights", metavar="NAME", help=f"{pipeline.WEIGHTS_HELP} (default: the architecture's first, {pipeline.DEFAULT_WEIGHTS} for ResNet-50; demo: that if cached, else none).")
     parser.add_argument("--checkpoint", type=Path, help="Local state dict of --arch (.pt/.pth/.safetensors; may be wrapped under state_dict/model, module. prefixes allowed) instead of --weights.")
-    parser.add_argument("--resize_size", type=positive_int, help=f"With --checkpoint or --weights none: resize the shorter side of every image to this many pixels (default: {pipeline.RESIZE_SIZE}); torchvision weights use their own preset (IMAGENET1K_V2: 232).")
-    parser.add_argument("--crop_size", type=positive_int, help=f"With --checkpoint or --weights none: the centre crop the model sees, in pixels (default: {pipeline.CROP_SIZE}); torchvision weights use their own preset (224).")
+    parser.add_argument("--resize_size", type=positive_int, help=f"With --checkpoint or --weights none: resize the shorter side of every image to this many pixels (default: the architecture's first weights' preset, {pipeline.RESIZE_SIZE} for ResNet-50); torchvision weights use their own preset (ResNet-50 IMAGENET1K_V2: 232).")
+    parser.add_argument("--crop_size", type=positive_int, help=f"With --checkpoint or --weights none: the centre crop the model sees, in pixels (default: the architecture's first weights' preset, {pipeline.CROP_SIZE} for ResNet-50); torchvision weights use their own preset.")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="Seed for every random choice (true-Fisher labels, randomised SVD) (default: 0).")
     parser.add_argument("--overwrite", action="store_true", help="Replace results on disk that were computed with other settings (finished matching results are still reused).")
     parser.add_argument("--profile", action="store_true", help="Print the per-phase timing table at the end.")
@@ -127,7 +127,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.factor_examples > FACTOR_MAX_EXAMPLES:
         # kronfluence's own cap (covariance_max_examples, lambda_max_examples) would silently keep the first 100,000.
         parser.error(f"--factor_examples {args.factor_examples} is above kronfluence's cap of {FACTOR_MAX_EXAMPLES:,} fitted examples")
-    problem = pipeline.check_preprocessing_sizes(args.resize_size, args.crop_size)
+    problem = pipeline.check_image_sizes(args.resize_size, args.crop_size, args.arch)
     if problem:
         parser.error(problem)
     problem = queries.check_choice_flags(args)

@@ -81,8 +81,8 @@ def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arch", default=pipeline.DEFAULT_ARCH, metavar="NAME", help=f"{pipeline.ARCH_HELP} As analyze.py's.")
     parser.add_argument("--weights", metavar="NAME", help=f"{pipeline.WEIGHTS_HELP} (default: the architecture's first, {pipeline.DEFAULT_WEIGHTS} for ResNet-50; demo: that if cached, else none).")
     parser.add_argument("--checkpoint", type=Path, help="Local state dict of --arch instead of --weights (as analyze.py).")
-    parser.add_argument("--resize_size", type=positive_int, help=f"With --checkpoint or --weights none: the shorter side resized to this many pixels (default: {pipeline.RESIZE_SIZE}).")
-    parser.add_argument("--crop_size", type=positive_int, help=f"With --checkpoint or --weights none: the centre crop the model sees (default: {pipeline.CROP_SIZE}).")
+    parser.add_argument("--resize_size", type=positive_int, help=f"With --checkpoint or --weights none: the shorter side resized to this many pixels (default: the architecture's preset, {pipeline.RESIZE_SIZE} for ResNet-50).")
+    parser.add_argument("--crop_size", type=positive_int, help=f"With --checkpoint or --weights none: the centre crop the model sees (default: the architecture's preset, {pipeline.CROP_SIZE} for ResNet-50).")
     parser.add_argument("--index_dim", type=positive_int, default=DEFAULT_INDEX_DIM, help=f"Each layer's gradient is compressed to index_dim x index_dim (a side of at most index_dim is kept whole); bytes per image = sum over layers of that x the --dtype size (ResNet-50 at 32 in float16: 110.6 kB) (default: {DEFAULT_INDEX_DIM}).")
     parser.add_argument("--basis", choices=BASES, default=DEFAULT_BASIS, help=f"What each layer is projected onto: the top --index_dim eigenvectors of analyze.py's fitted ekfac or kfac factors (fit them first; the index then holds the exact score's leading eigen-directions), or gaussian random matrices that need no factors (unbiased but much noisier at the same size) (default: {DEFAULT_BASIS}).")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="Seed of the gaussian projections, and of the random init with --weights none; the query must use the index's (default: 0).")
@@ -120,7 +120,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
     problem = (pipeline.check_input_flags(args) or pipeline.check_model_flags(args)
-               or pipeline.check_preprocessing_sizes(args.resize_size, args.crop_size))
+               or pipeline.check_image_sizes(args.resize_size, args.crop_size, args.arch))
     if problem:
         parser.error(problem)
     defaults = DEMO_DEFAULTS if args.demo else SEED_DEFAULTS

@@ -20,21 +20,13 @@ from torch.utils import data
 
 from influence.data import layouts
 from influence.data.images import SPLITS, ImageList, IndexedImageFolder, base_image_folder, example_path, visible_classes
-from influence.data.preprocessing import CROP_SIZE, RESIZE_SIZE, Preprocessing, check_preprocessing_sizes
-from influence.model import architectures, checkpoints
-from influence.model.architectures import DEFAULT_ARCH, arch_choices, arch_problem, num_outputs
+from influence.data.preprocessing import CROP_SIZE, MIN_IMAGE_SIZE, RESIZE_SIZE, Preprocessing, check_preprocessing_sizes
+from influence.model import architectures
+from influence.model.architectures import DEFAULT_ARCH, arch_choices, arch_problem, display_name, num_outputs, weight_choices
 from influence.model.attention import make_attention_trackable
 from influence.model.checkpoints import check_checkpoint_path, load_checkpoint_state_dict, model_from_state_dict
 from influence.model.inference import calibrate_batchnorm, top_classes
-from influence.model.weights import (
-    DEFAULT_WEIGHTS,
-    NO_WEIGHTS,
-    default_weights,
-    model_preprocessing,
-    pretrained_weights_cached,
-    weight_choices,
-    weights_cache_path,
-)
+from influence.model.weights import DEFAULT_WEIGHTS, NO_WEIGHTS, default_weights, model_preprocessing, pretrained_weights_cached, weights_cache_path
 from influence.runtime.cli import UserError
 
 __all__ = [  # the pieces the commands take from here, beside the builders defined below
@@ -42,7 +34,7 @@ __all__ = [  # the pieces the commands take from here, beside the builders defin
     "base_image_folder", "calibrate_batchnorm", "check_checkpoint_path", "check_preprocessing_sizes", "example_path",
     "model_preprocessing", "pretrained_weights_cached", "top_classes", "weight_choices",
     "check_input_flags", "get_imagenet_dataset", "check_datasets", "check_model_fits_classes", "check_pretrained_classes",
-    "build_model", "num_outputs", "check_model_flags", "arch_problem", "chosen_weights", "ARCH_HELP", "WEIGHTS_HELP",
+    "build_model", "num_outputs", "check_model_flags", "check_image_sizes", "random_model", "arch_problem", "chosen_weights", "display_name", "ARCH_HELP", "WEIGHTS_HELP",
 ]
 
 logger = logging.getLogger(__name__)
@@ -71,6 +63,18 @@ WEIGHTS_HELP = (
 )
 
 
+def check_image_sizes(resize_size: Optional[int], crop_size: Optional[int], arch: str = DEFAULT_ARCH) -> Optional[str]:
+    """`check_preprocessing_sizes` against the architecture's own preset and smallest input: its weights'
+    `min_size` (Inception v3 75, AlexNet 63), at least 32; the transformers are built for the crop
+    itself, so their weights' 224 does not bind them."""
+    minimum = architectures.first_weights(arch).meta["min_size"][0]
+    built_for_crop = arch.startswith(architectures.SIZED_BY_CROP)
+    return check_preprocessing_sizes(
+        resize_size, crop_size, model_preprocessing(None, arch=arch),
+        MIN_IMAGE_SIZE if built_for_crop else max(MIN_IMAGE_SIZE, minimum), display_name(arch),
+    )
+
+
 def check_model_flags(args: Any) -> Optional[str]:
     """What is wrong with --arch and --weights together (None if nothing); `args.weights` is left as the
     member name (`ResNet50_Weights.IMAGENET1K_V2` -> `IMAGENET1K_V2`)."""
@@ -89,7 +93,7 @@ def chosen_weights(weights: Optional[str], checkpoint: Optional[Path], arch: str
     if weights is not None or checkpoint is not None:
         return weights
     if demo and not pretrained_weights_cached(arch=arch):
-        logger.warning("demo: pretrained %s weights are not cached (no download here); using random init", arch)
+        logger.warning("demo: pretrained %s weights are not cached (no download here); using random init", architectures.display_name(arch))
         return NO_WEIGHTS
     return default_weights(arch)
 
@@ -163,6 +167,21 @@ def check_pretrained_classes(dataset: data.Dataset, weights_name: str, arch: str
         )
 
 
+def random_model(arch: str = DEFAULT_ARCH, seed: int = 0, image_size: Optional[int] = None) -> nn.Module:
+    """The architecture at random init drawn from `seed` (torchvision's own init), as its state dict is
+    saved and loaded: without the attention `build_model` makes trackable. A classifier that torchvision
+    starts at zero (the vision transformers') is drawn too: otherwise no gradient would reach any other
+    layer, every factor but the classifier's would be zero, and the heuristic damping with them."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = architectures.build(arch, image_size=image_size)
+        _, head = architectures.output_layer(model)
+        if not head.weight.any():
+            logger.warning("%s's random init leaves its classifier at zero; drawn as nn.%s's default init instead", display_name(arch), type(head).__name__)
+            head.reset_parameters()
+    return model
+
+
 def build_model(
     weights: Optional[str] = DEFAULT_WEIGHTS, checkpoint: Optional[str | Path] = None, seed: int = 0,
     arch: str = DEFAULT_ARCH, image_size: Optional[int] = None,
@@ -177,25 +196,22 @@ def build_model(
     A vision transformer's attention is rebuilt from trackable layers over the same parameters
     (influence/model/attention.py).
     """
-    name = checkpoints.ARCH_NAMES.get(arch, arch)
+    name = architectures.display_name(arch)
     if checkpoint is not None:
         if weights is not None:
             raise ValueError("pass either weights or checkpoint, not both")
         model = model_from_state_dict(load_checkpoint_state_dict(checkpoint), f"checkpoint {checkpoint}", arch, image_size)
+        if not architectures.output_layer(model)[1].weight.any():
+            logger.warning(
+                "*** checkpoint %s: the classifier's weights are all zero (an untrained vision transformer?): no "
+                "gradient reaches any other layer, so every score comes from the classifier alone ***", checkpoint,
+            )
     elif weights == NO_WEIGHTS:
         logger.warning(
             "*** --weights none: %s is RANDOMLY INITIALISED; influence scores of an untrained model "
             "say nothing about a trained one. ***", name,
         )
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = architectures.build(arch, image_size=image_size)
-            _, head = architectures.output_layer(model)
-            if not head.weight.any():
-                # torchvision starts a vision transformer's head at zero: no gradient would reach any other
-                # layer, every factor but the head's would be zero and the damping with it.
-                logger.warning("%s's random init leaves its classifier at zero; drawn as nn.%s's default init instead", arch, type(head).__name__)
-                head.reset_parameters()
+        model = random_model(arch, seed, image_size)
     else:
         weights = weights or default_weights(arch)
         problem = architectures.check_weights(arch, weights)

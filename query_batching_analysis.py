@@ -18,7 +18,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import numpy as np
 
 from influence.analysis.agreement import PEARSON, SPEARMAN, TOP_K, compare, format_table, summarize
-from influence.model.architectures import DEFAULT_ARCH, arch_problem
+from influence.model import DEFAULT_ARCH
 from influence.results import naming
 from influence.results.naming import (
     DEFAULT_ANALYSIS_NAME,
@@ -29,7 +29,7 @@ from influence.results.naming import (
     pairwise_scores_path,
     scores_name,
 )
-from influence.results.records import recorded_arch
+from influence.results.records import check_same_arch, recorded_arch
 from influence.results.score_files import ScoreFile, check_writable, load_record, open_score_file, query_choice, resolve_scores_path
 from influence.runtime.cli import UserError, non_negative_int, positive_int, setup_logging, user_errors
 
@@ -112,8 +112,7 @@ def recorded_architecture(full: ScoreFile, low: ScoreFile, arch: Optional[str]) 
     if len(known) > 1:
         raise UserError(f"{full.path} and {low.path} were computed with different models ({' and '.join(sorted(known))})")
     recorded = next(iter(known), None)
-    if arch is not None and recorded is not None and recorded != arch:
-        raise UserError(f"the scores were computed with {recorded}, not --arch {arch}; drop --arch or pass --arch {recorded}")
+    check_same_arch(recorded, arch, "the scores")
     return recorded
 
 
@@ -142,9 +141,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     args = parser.parse_args(argv)
     setup_logging()
     with user_errors(PROG):
-        problem = arch_problem(args.arch) if args.arch is not None else None
-        if problem:
-            parser.error(problem)
+        if args.arch is not None:
+            # Imported here: torchvision's model registry, which nothing else here needs (0.1 GiB).
+            from influence.model.architectures import arch_problem  # pylint: disable=import-outside-toplevel
+
+            problem = arch_problem(args.arch)
+            if problem:
+                parser.error(problem)
         if args.analysis_name is None:
             args.analysis_name = default_analysis_name(args.output_dir, args.score_normalization, args.arch or DEFAULT_ARCH)
         full_path = resolve_scores_path(

@@ -30,7 +30,7 @@ from influence.explorer import page as explorer
 from influence.explorer.figures import draw_query_figure, draw_self_figure
 from influence.model.inference import predict, predict_classes, prediction_text
 from influence.results import locking, naming
-from influence.results.records import model_source, recorded_arch, split_model_source
+from influence.results.records import check_same_arch, model_source, recorded_arch, split_model_source
 from influence.results.score_files import check_writable, load_record, open_score_file, read_self_scores, recorded_preprocessing
 from influence.results.top_k import (
     CSV_COLUMNS,
@@ -104,12 +104,13 @@ def _build_model_for_predictions(args: argparse.Namespace, record: Optional[Dict
             raise UserError(f"--checkpoint {args.checkpoint} is not the model the scores were computed with ({source})")
         return build(weights=None, checkpoint=args.checkpoint)
     if args.weights is not None:
-        problem = pipeline.check_model_flags(argparse.Namespace(arch=arch, weights=args.weights))
+        flags = argparse.Namespace(arch=arch, weights=args.weights)  # the weights' name resolved for this architecture
+        problem = pipeline.check_model_flags(flags)
         if problem:
             raise UserError(problem)
-        if source is not None and source != model_source(weights=args.weights, arch=arch):
+        if source is not None and source != model_source(weights=flags.weights, arch=arch):
             raise UserError(f"--weights {args.weights} is not the model the scores were computed with ({source})")
-        return build(weights=args.weights)
+        return build(weights=flags.weights)
     if source is None:
         logger.warning("no recorded model and no --weights/--checkpoint: figures show no predictions")
         return None
@@ -122,13 +123,6 @@ def _build_model_for_predictions(args: argparse.Namespace, record: Optional[Dict
     raise UserError(
         f"the scores were computed with a checkpoint ({source}) that is no longer at {recorded}; pass --checkpoint PATH"
     )
-
-
-def check_recorded_arch(args: argparse.Namespace, record: Optional[Dict[str, Any]], path: Path) -> None:
-    """--arch, when given, must be the architecture the scores were computed with."""
-    arch = recorded_arch(record)
-    if args.arch is not None and arch is not None and arch != args.arch:
-        raise UserError(f"{path} holds scores of {arch}, not of --arch {args.arch}; drop --arch or pass --arch {arch}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -380,7 +374,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         # The tables go beside the scores: not while analyze.py (or another of these) writes in that folder.
         with locking.writing_into(args.results_dir or path.parent):
             record = load_record(path)
-            check_recorded_arch(args, record, path)
+            check_same_arch(recorded_arch(record), args.arch, f"the scores in {path}")
             preprocessing = recorded_preprocessing(record)
             train = pipeline.get_imagenet_dataset("train", args.dataset_dir, preprocessing=preprocessing)
             names = class_names(pipeline.base_image_folder(train).classes, args.dataset_dir)

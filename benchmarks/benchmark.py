@@ -461,9 +461,10 @@ def report(result: Dict[str, Any]) -> None:
         if missing:
             print(f"\nprojected full ImageNet job, {job['job']}: not projected, unmeasured: {', '.join(missing)}")
             continue
-        print(f"\nprojected full ImageNet job, {job['job']} (query batch {job['query_batch_size']}, "
+        seed = f"seed (ResNet-50) on one A100: {job['seed_seconds']['Total']:,.0f} s"
+        print(f"\nprojected full ImageNet job of {result['model']}, {job['job']} (query batch {job['query_batch_size']}, "
               f"{job['passes_over_training_set']} pass(es) over the training set): {job['total_seconds']:,.0f} s; "
-              f"seed on one A100: {job['seed_seconds']['Total']:,.0f} s")
+              + (seed if result["model"] == pipeline.DEFAULT_ARCH else f"the {seed} is another model's"))
         print(seed_format_table(job))
 
 

@@ -118,19 +118,20 @@ def variant_name(rounding: Optional[str], ops: str) -> str:
 
 
 def batchnorm_calibrated_checkpoint(analyze_args: argparse.Namespace, output_dir: Path) -> Path:
-    """The random-init ResNet-50 of analyze.py's `--seed` with its BatchNorm running statistics set to the
+    """The random-init model (analyze.py's `--arch`, ResNet-50 by default) of its `--seed` with its BatchNorm running statistics set to the
     batch statistics of CALIBRATION_IMAGES training images drawn by that seed, saved under `output_dir` once
     per seed and training set (named by both, so a rerun reuses it and its sha256 stays the same)."""
     dataset_dir = demo.make_demo_dataset() if analyze_args.demo else analyze_args.dataset_dir
-    train = pipeline.get_imagenet_dataset("train", dataset_dir)
+    preprocessing = pipeline.model_preprocessing(None, analyze_args.resize_size, analyze_args.crop_size, analyze_args.arch)
+    train = pipeline.get_imagenet_dataset("train", dataset_dir, preprocessing=preprocessing)
     fingerprint = images.samples_fingerprint(train)[:12]
-    path = output_dir / f"resnet50_seed{analyze_args.seed}_batchnorm_from_{fingerprint}.pt"
+    path = output_dir / f"{analyze_args.arch}_seed{analyze_args.seed}_batchnorm_from_{fingerprint}.pt"
     if path.is_file():
         return path
     rng = np.random.default_rng(analyze_args.seed)
     chosen = np.sort(rng.choice(len(train), size=min(CALIBRATION_IMAGES, len(train)), replace=False))
     calibration = torch.stack([train[int(i)][0] for i in chosen])
-    model = pipeline.calibrate_batchnorm(pipeline.build_model(weights=pipeline.NO_WEIGHTS, seed=analyze_args.seed), calibration)
+    model = pipeline.calibrate_batchnorm(pipeline.random_model(analyze_args.arch, analyze_args.seed, preprocessing.crop_size), calibration)
     partial = path.with_suffix(".partial")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 from conftest import tiny_counts, write_image_folder
 from safetensors import safe_open
 from test_preflight import PHASE_FILES, _payload
@@ -22,12 +23,12 @@ import gradient_index
 import pipeline
 import top_influences
 from influence.analysis.settings import AnalysisSettings
-from influence.model import architectures, attention, tracking
+from influence.model import architectures, attention, checkpoints, tracking
 from influence.results import naming, preflight
 from influence.runtime.cli import UserError
 
 SIZE = 32  # crop and resize: every architecture's five halvings leave one pixel; ViT-B/16 sees 2 x 2 patches
-ARCHS = ("resnet18", "convnext_tiny", "efficientnet_b0", "mobilenet_v3_small", "vit_b_16")
+ARCHS = ("resnet18", "convnext_tiny", "efficientnet_b0", "mobilenet_v3_small", "vit_b_16", "swin_t")
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +158,7 @@ def test_ekfac_gradient_index_and_preflight_on_mobilenet_v3_small(dataset, tmp_p
         gradient_index.main(["query", "--arch", "resnet18", "--weights", "none", "--analysis_name", f"imagenet_{arch}",
                              "--dataset_dir", str(dataset), "--resize_size", str(SIZE), "--crop_size", str(SIZE), "--num_workers", "0",
                              "--output_dir", str(output_dir), "--index_dim", str(whole), "--num_queries", "2"])
-    assert f"were fitted for --arch {arch}, not resnet18: pass --arch {arch}" in capsys.readouterr().err
+    assert f"were computed for --arch {arch}, not --arch resnet18: pass --arch {arch}" in capsys.readouterr().err
 
 
 def test_tracking_is_stated_and_attention_is_tracked():
@@ -176,15 +177,46 @@ def test_tracking_is_stated_and_attention_is_tracked():
     assert summary["parameters"] == summary_before["parameters"] == 86_420_200
     assert summary_before["tracked_parameters"] < 0.7 * summary["parameters"]  # attention's projections were out of reach
     assert [kind for kind, _ in summary["untracked_parameters"]] == ["normalisation layers", "pos_embedding", "class_token"]
-    assert summary_before["untracked_parameters"][0] == ["attention projections (nn.MultiheadAttention)", 28_348_416]
+    assert summary_before["untracked_parameters"][0] == ["attention projections (applied functionally)", 28_348_416]
     assert summary["tracked_layers"] == 50 and summary["grouped_convolutions"] == 0
     convnext = tracking.describe_tracking(architectures.build("convnext_tiny"))
     assert convnext["grouped_convolutions"] == 18 and [kind for kind, _ in convnext["untracked_parameters"]] == ["normalisation layers", "layer_scale"]
     line = tracking.tracking_line("convnext_tiny", convnext)
     assert line.startswith("convnext_tiny: 28,566,184 of 28,589,128 parameters tracked (99.9%) in 59 Conv2d/Linear layers")
     assert "approximated: 18 grouped/depthwise convolutions" in line
+    # A GoogLeNet saved with its auxiliary classifiers (as torchvision builds it for training) loads without them.
+    with torch.device("meta"):
+        state = torchvision.models.googlenet(weights=None, aux_logits=True, init_weights=True).state_dict()
+    assert any(key.startswith("aux1.") for key in state)
+    loaded = checkpoints.model_from_state_dict({key: torch.ones(value.shape) for key, value in state.items()}, "x", "googlenet")
+    assert loaded.aux1 is None and loaded.fc.weight.eq(1).all()
     with pytest.raises(UserError, match="no Linear or Conv2d layer"):
         tracking.describe_tracking(nn.Sequential(nn.Flatten(), nn.LayerNorm(3)))
+
+
+@pytest.mark.parametrize("arch, size", [("swin_t", SIZE), ("swin_v2_t", SIZE), ("maxvit_t", 224), ("googlenet", SIZE),
+                                        ("inception_v3", 75), ("squeezenet1_1", SIZE), ("vit_b_16", SIZE)])
+def test_every_tracked_layer_runs_as_a_layer_and_every_layer_that_runs_is_tracked(arch, size):
+    """Forward hooks on every Linear and Conv2d: the ones that run are exactly the tracked ones (a layer
+    whose weights are applied functionally would get no factors), with the outputs torchvision's model gives."""
+    original = pipeline.random_model(arch, seed=0, image_size=size).eval()
+    images = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        expected = original(images)
+    model = attention.make_attention_trackable(original)
+    ran = set()
+    layers = [module for module in model.modules() if isinstance(module, (nn.Linear, nn.Conv2d))]
+    handles = [layer.register_forward_hook(lambda layer, *_: ran.add(layer)) for layer in layers]
+    with torch.no_grad():
+        output = model(images)
+    for handle in handles:
+        handle.remove()
+    torch.testing.assert_close(output, expected, rtol=1e-4, atol=1e-5)
+    tracked = tracking.tracked_layers(model)
+    assert {id(layer) for layer in ran} == {id(layer) for layer in tracked}
+    summary = tracking.describe_tracking(model)
+    assert summary["tracked_parameters"] == sum(p.numel() for layer in tracked for p in layer.parameters())
+    assert summary["tracked_parameters"] > 0.99 * summary["parameters"]
 
 
 def test_defaults_stay_resnet50_and_other_weights_have_their_own_preset():
@@ -218,23 +250,32 @@ def test_another_architectures_checkpoint_or_a_changed_arch_is_refused(dataset, 
     output_dir = tmp_path / "out"
     common = [*_argv("resnet18", dataset, checkpoint, output_dir, "--factor_strategy", "identity"), "--analysis_name", "mine"]
     analyze.main(common)
+    random = ["--dataset_dir", str(dataset), "--weights", "none", "--resize_size", str(SIZE), "--crop_size", str(SIZE),
+              "--num_workers", "0", "--output_dir", str(output_dir), "--num_queries", "2", "--factor_strategy", "identity",
+              "--analysis_name", "random"]
+    analyze.main([*random, "--arch", "resnet18"])
     capsys.readouterr()
-    with pytest.raises(SystemExit) as caught:  # the same folder, another architecture's weights: refused
-        analyze.main([*common, "--arch", "resnet34", "--checkpoint", str(_random_checkpoint("resnet34", tmp_path / "r34.pt"))])
+    with pytest.raises(SystemExit) as caught:  # the same folder and flags, only --arch changed: refused
+        analyze.main([*random, "--arch", "resnet34"])
     err = capsys.readouterr().err
-    assert caught.value.code == 2 and "computed with other settings (model 'arch:resnet18 checkpoint" in err and "arch:resnet34" in err
+    assert caught.value.code == 2 and "computed with other settings (model 'arch:resnet18 weights:none' -> 'arch:resnet34 weights:none')" in err
+    with pytest.raises(SystemExit):  # a crop a vision transformer cannot cut into 16-pixel patches
+        analyze.main([*random, "--arch", "vit_b_16", "--crop_size", "40", "--resize_size", "40", "--analysis_name", "vit"])
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("vit_b_16 cannot be built for 40-pixel crops (--crop_size): Input shape indivisible by patch size!")
+    assert "Traceback" not in err
     with pytest.raises(SystemExit):
         analyze.main([*common, "--arch", "mobilenet_v3_small"])  # a resnet18 file read as a MobileNet
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "is not a mobilenet_v3_small state dict: it has no `classifier.3.weight`" in err
+    assert err.count("\n") == 0 and "is not a mobilenet_v3_small state dict: it has no 2-d `classifier.3.weight`" in err
 
     # top_influences.py rebuilds the recorded architecture from the record (the checkpoint at its recorded
     # path) for its predictions, and refuses another --arch.
     shown = ["--dataset_dir", str(dataset), "--output_dir", str(output_dir), "--analysis_name", "mine",
              "--factor_strategy", "identity", "--figure_dir", str(tmp_path / "figures"), "--num_figures", "1"]
-    result = top_influences.main([*shown, "--arch", "resnet18"])  # a ResNet-50 could not load this checkpoint
+    result = top_influences.main(shown)  # resnet18 read from the record: a ResNet-50 could not load this checkpoint
     assert len(result["queries"]) == 2 and result["queries"][0]["prediction"] and len(result["figures"]) == 1
     capsys.readouterr()
     with pytest.raises(SystemExit):
         top_influences.main([*shown, "--arch", "resnet34"])
-    assert "holds scores of resnet18, not of --arch resnet34" in capsys.readouterr().err
+    assert "were computed for --arch resnet18, not --arch resnet34: pass --arch resnet18" in capsys.readouterr().err

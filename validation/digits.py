@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import pipeline
-from influence.model import architectures
+from influence.model import DEFAULT_ARCH, architectures
 from influence.runtime.cli import UserError
 
 NUM_CLASSES = 10
@@ -166,7 +166,7 @@ def epoch_batches(num_train: int, batch_size: int, generator: torch.Generator, e
 
 def train_model(
     images: torch.Tensor, labels: torch.Tensor, training: Training, seed: int, excluded: Sequence[int] = (),
-    arch: str = architectures.DEFAULT_ARCH,
+    arch: str = DEFAULT_ARCH,
 ) -> nn.Module:
     """torchvision's `arch` (ResNet-50 by default) with 10 outputs, drawn from `seed` and trained on `images`
     (already preprocessed) without the positions in `excluded`; the same seed gives the same weights, and
@@ -188,7 +188,7 @@ def train_model(
     optimizer = torch.optim.AdamW(model.parameters(), lr=training.learning_rate, weight_decay=training.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     model.train()
-    with tqdm(total=total, desc=f"training {arch} ({len(labels) - len(left_out)} images)", unit="step") as progress:
+    with tqdm(total=total, desc=f"training {architectures.display_name(arch)} ({len(labels) - len(left_out)} images)", unit="step") as progress:
         for epoch, batches in enumerate(schedule, 1):
             for batch in batches:
                 loss = nn.functional.cross_entropy(model(images[batch]), labels[batch])

@@ -13,6 +13,8 @@ import torch
 from influence.analysis.agreement import SPEARMAN, overlap_name
 from influence.data.preprocessing import Preprocessing
 from influence.explorer.figures import draw_grid
+from influence.model import DEFAULT_ARCH
+from influence.model.architectures import display_name
 from influence.results import naming
 
 SEED_SPEARMAN = 0.94  # upstream's low-rank (rank 32) against full-rank figure on ImageNet
@@ -70,7 +72,7 @@ def draw_lds_figure(path: Path, lds_result: Dict[str, Dict[str, Dict[str, Any]]]
 def report_table(result: Dict[str, Any]) -> str:
     """The report as text: one line per number, each named by its statistic."""
     lines = [
-        f"trained {result.get('arch', 'resnet50')} on {result['num_train']} digit scans ({result['num_planted']} planted mislabels), "
+        f"trained {display_name(result.get('arch', DEFAULT_ARCH))} on {result['num_train']} digit scans ({result['num_planted']} planted mislabels), "
         f"crop {result['crop_size']} px",
         f"  train accuracy (given labels) {result['train_accuracy']:.3f}   val accuracy {result['val_accuracy']:.3f} "
         f"({result['num_queries']} images, the queries)   test accuracy {result['test_accuracy']:.3f}",

@@ -358,7 +358,7 @@ def validate(size: RunSize, work_dir: Path, output_dir: Path, figure_dir: Path) 
     checkpoint = checkpoint_path(work_dir, arch=size.arch)
     model = trained_checkpoint(checkpoint, tensors["train_images"], tensors["train_labels"], size, ())
     accuracy = {split: digits.accuracy(digits.logits_of(model, tensors[f"{split}_images"]), tensors[f"{split}_labels"]) for split in digits.SPLITS}
-    print(f"{size.arch} trained: accuracy train {accuracy['train']:.3f}, val {accuracy['val']:.3f}, test {accuracy['test']:.3f}", flush=True)
+    print(f"{pipeline.display_name(size.arch)} trained: accuracy train {accuracy['train']:.3f}, val {accuracy['val']:.3f}, test {accuracy['test']:.3f}", flush=True)
 
     # The retrainings first: they need no scores, and once cached a failed step later costs none of them.
     print(f"[--] LDS: {size.lds_subsets} retrainings on random halves of the training set, {size.lds_ceiling_subsets} again from a second seed", flush=True)

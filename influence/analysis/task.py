@@ -39,13 +39,14 @@ class ClassificationTask(Task):
     Training loss: summed cross-entropy; with `sample=True` the labels are drawn from the model's own
     predictive distribution (true Fisher), reproducibly per example (see `sample_labels`).
     Measurement: the margin -(logit_correct - logsumexp(other logits)), summed.
-    Tracked layers: every Conv2d and Linear, subclasses included (kronfluence's choice when no list is
-    given; influence/model/tracking.py).
+    Tracked layers: `tracked_modules`, the names influence/model/tracking.py gives: every Conv2d and
+    Linear that runs as a layer, subclasses included.
     """
 
-    def __init__(self, seed: int, channels_last: bool = False) -> None:
+    def __init__(self, seed: int, channels_last: bool = False, tracked_modules: Optional[List[str]] = None) -> None:
         self.seed = seed
         self.channels_last = channels_last
+        self.tracked_modules = tracked_modules
 
     def _layout(self, images: torch.Tensor) -> torch.Tensor:
         """NHWC images for a channels-last model: convolutions then need no layout conversions."""
@@ -71,13 +72,13 @@ class ClassificationTask(Task):
         return -(correct - others.logsumexp(dim=-1)).sum()
 
     def get_influence_tracked_modules(self) -> Optional[List[str]]:
-        return None
+        return self.tracked_modules
 
 
 def make_analyzer(model: nn.Module, settings: AnalysisSettings) -> Any:
     """kronfluence's Analyzer around the model (wraps its Conv2d/Linear layers in place)."""
 
-    task = ClassificationTask(settings.seed, channels_last=uses_channels_last(settings))
+    task = ClassificationTask(settings.seed, channels_last=uses_channels_last(settings), tracked_modules=tracking.tracked_module_names(model))
     if uses_channels_last(settings):
         model = model.to(memory_format=torch.channels_last)
     tracking.register_subclasses(model)

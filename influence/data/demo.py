@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from torch.utils import data
 
-from influence.model.architectures import DEFAULT_ARCH
+from influence.model import DEFAULT_ARCH
 from influence.results import naming
 from influence.data.images import SPLITS, base_image_folder, example_path
 

@@ -38,15 +38,19 @@ class Preprocessing:
             [*self.view().transforms, transforms.ToTensor(), transforms.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)]
         )
 
-def check_preprocessing_sizes(resize_size: Optional[int], crop_size: Optional[int]) -> Optional[str]:
-    """What is wrong with explicit --resize_size/--crop_size (None if nothing): each at least MIN_IMAGE_SIZE
-    (ResNet-50 halves an image five times), and the crop no larger than the resized image."""
+def check_preprocessing_sizes(
+    resize_size: Optional[int], crop_size: Optional[int], defaults: Preprocessing = Preprocessing(),
+    min_size: int = MIN_IMAGE_SIZE, model: str = "ResNet-50",
+) -> Optional[str]:
+    """What is wrong with explicit --resize_size/--crop_size (None if nothing): each at least `min_size`
+    (ResNet-50 halves an image five times; an architecture's weights name their own minimum), and the crop
+    no larger than the resized image (`defaults` where a size is not given: the architecture's preset)."""
     for flag, size in (("--resize_size", resize_size), ("--crop_size", crop_size)):
-        if size is not None and size < MIN_IMAGE_SIZE:
-            return f"{flag} {size} is below {MIN_IMAGE_SIZE} pixels, too small for ResNet-50's five halvings"
-    resize = RESIZE_SIZE if resize_size is None else resize_size
-    crop = CROP_SIZE if crop_size is None else crop_size
+        if size is not None and size < min_size:
+            return f"{flag} {size} is below {min_size} pixels, too small for {model}" + ("'s five halvings" if min_size == MIN_IMAGE_SIZE else "")
+    resize = defaults.resize_size if resize_size is None else resize_size
+    crop = defaults.crop_size if crop_size is None else crop_size
     if crop > resize:
-        defaults = " (the default)" if resize_size is None else ""
-        return f"--crop_size {crop} is larger than --resize_size {resize}{defaults}: the centre crop must fit in the resized image"
+        given = " (the default)" if resize_size is None else ""
+        return f"--crop_size {crop} is larger than --resize_size {resize}{given}: the centre crop must fit in the resized image"
     return None

@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from influence.index import projection
 from influence.index.shards import GAUSSIAN
 from influence.results import naming
-from influence.results.records import recorded_arch, split_model_source
+from influence.results.records import check_same_arch, recorded_arch, split_model_source
 from influence.runtime.cli import UserError
 
 
@@ -71,9 +71,7 @@ def factor_record(
     # The seed too, as analyze.py checks it: it draws the true-Fisher labels the factors were fitted with
     # (and, with --weights none, the model itself).
     changed = [key for key, value in {**train_provenance, "seed": seed}.items() if saved.get(key) != value]
-    fitted, current = recorded_arch(record), split_model_source(train_provenance["model"])[0]
-    if fitted is not None and fitted != current:
-        raise UserError(f"the factors in {directory} were fitted for --arch {fitted}, not {current}: pass --arch {fitted}")
+    check_same_arch(recorded_arch(record), split_model_source(train_provenance["model"])[0], f"the factors in {directory}")
     if changed:
         raise UserError(f"the factors in {directory} were fitted with another model, other images or another seed ({', '.join(changed)} differ): {hint}")
     return record, directory

@@ -40,6 +40,7 @@ from torch import nn
 from torch.utils import data
 
 from influence.analysis.scoring import layer_shape
+from influence.model import tracking
 
 # Bumped whenever the projections drawn for a (seed, layer) change, so that indexes built with other
 # projections are refused rather than scored against queries projected differently.
@@ -76,13 +77,8 @@ class LayerProjection:
 def tracked_named_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
     """(name, layer) of every Conv2d and Linear in `model.named_modules()` order, the names kronfluence gives
     its TrackedModules; on a model kronfluence has already wrapped, the wrapped layers under their names."""
-    found = []
-    for name, module in model.named_modules():
-        if isinstance(module, TrackedModule):
-            found.append((module.name, module.original_module))
-        elif isinstance(module, (nn.Conv2d, nn.Linear)) and not name.endswith(".original_module"):
-            found.append((name, module))
-    return found
+    wrapped = [(module.name, module.original_module) for module in model.modules() if isinstance(module, TrackedModule)]
+    return wrapped or tracking.tracked_named_layers(model)
 
 
 def layer_plan(model: nn.Module, index_dim: int) -> List[LayerProjection]:

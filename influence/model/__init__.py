@@ -1,2 +1,5 @@
-"""The model an analysis explains: torchvision's weights by name, local checkpoints, and running the model
+"""The model an analysis explains: which torchvision classifier (`--arch`), its weights by name, local
+checkpoints, its attention made trackable, which of its parameters the scores cover, and running the model
 outside the influence computation (predictions, BatchNorm statistics)."""
+
+DEFAULT_ARCH = "resnet50"  # the seed's; a constant here so that naming and records need no torchvision

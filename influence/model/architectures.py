@@ -12,10 +12,16 @@ from typing import Any, Dict, List, Optional, Tuple, Type
 import torchvision
 from torch import nn
 
+from influence.model import DEFAULT_ARCH
 from influence.runtime.cli import UserError
 
-DEFAULT_ARCH = "resnet50"
 NO_WEIGHTS = "none"
+# How messages name an architecture: the default's as it always was, any other by its registered name.
+DISPLAY_NAMES = {DEFAULT_ARCH: "ResNet-50"}
+
+
+def display_name(arch: str) -> str:
+    return DISPLAY_NAMES.get(arch, arch)
 
 
 def arch_choices() -> List[str]:
@@ -89,6 +95,10 @@ def preset_sizes(entry: Enum) -> Tuple[int, int, str]:
     return preset.resize_size[0], preset.crop_size[0], preset.interpolation.value
 
 
+# Architectures whose parameters or attention windows are laid out for the input size: built for the crop.
+SIZED_BY_CROP = ("vit_", "swin", "maxvit")
+
+
 def _size_arguments(arch: str, image_size: Optional[int]) -> Dict[str, Any]:
     """Constructor arguments that fix the input size where the architecture needs one: a vision
     transformer's position embeddings (`image_size`), MaxViT's attention grid (`input_size`)."""
@@ -132,8 +142,10 @@ def build(arch: str, weights: Optional[str] = None, num_classes: Optional[int] =
     try:
         model = torchvision.models.get_model(arch, **config)
     except (AssertionError, ValueError) as error:
+        if weights is not None or image_size is None:
+            raise
         # A vision transformer's crop must be a multiple of its patch size (torchvision asserts it).
-        raise UserError(f"{arch} cannot be built for {image_size}-pixel crops: {error}") from None
+        raise UserError(f"{arch} cannot be built for {image_size}-pixel crops (--crop_size): {str(error).splitlines()[0]}") from None
     return _without_auxiliary_heads(model)
 
 

@@ -1,17 +1,28 @@
-"""A vision transformer's attention as layers kronfluence can track. `nn.MultiheadAttention` applies its
-input and output projections functionally to bare parameters (`in_proj_weight`, and `out_proj.weight` of
-a Linear whose forward it never calls), so no hook sees them and a third of ViT-B/16's parameters would be
-left out of the scores. `SelfAttention` computes the same function from the same parameter tensors through
-two `nn.Linear` layers (`in_proj`, `out_proj`) and `F.scaled_dot_product_attention`; the swap happens once
-the weights are loaded, so checkpoints and torchvision's weights keep their own keys."""
+"""Attention as layers kronfluence can track. Two kinds of torchvision attention apply their projections
+functionally, so no hook would see them and about a third of a transformer's parameters would be left out
+of the scores:
+- `nn.MultiheadAttention` (ViT) uses bare parameters (`in_proj_weight`, and `out_proj.weight` of a Linear
+  whose forward it never calls). `SelfAttention` computes the same function from the same parameter
+  tensors through two `nn.Linear` layers (`in_proj`, `out_proj`) and `F.scaled_dot_product_attention`.
+- Swin's `ShiftedWindowAttention` (V1 and V2) calls `F.linear` with its `qkv` and `proj` Linear layers'
+  weights. `LayerCalling` runs it with those calls redirected to the layers themselves (a torch function
+  mode), so their hooks run and the function is unchanged; Swin V2 zeroes the key part of its `qkv` bias
+  inside the call, which is added back as the difference (kronfluence then counts that part's gradient,
+  which is zero in the model: 1/3 of one bias vector per block).
+The swap happens once the weights are loaded, so checkpoints and torchvision's weights keep their own keys."""
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torchvision.models.swin_transformer import ShiftedWindowAttention
+
+# Attention modules that call F.linear with these Linear layers' weights (ShiftedWindowAttentionV2 is a subclass).
+LINEAR_CALLERS = {ShiftedWindowAttention: ("qkv", "proj")}
 
 
 def _linear_over(weight: nn.Parameter, bias: Optional[nn.Parameter]) -> nn.Linear:
@@ -50,10 +61,55 @@ class SelfAttention(nn.Module):
         return (output if self.batch_first else output.transpose(0, 1)), None
 
 
+class _LayerCalls(TorchFunctionMode):
+    """Inside it, `F.linear(x, layer.weight, bias)` for the named layers of `owner` is `layer(x)` (kronfluence's
+    wrapper of it, once wrapped), plus the difference when `bias` is not the layer's own. Swin applies them
+    to windows stacked along the first dimension (batch x windows, image-major): the layer sees them as
+    `batch` examples of all their windows' tokens, as kronfluence's per-example gradients need."""
+
+    def __init__(self, owner: nn.Module, names: Sequence[str], batch: int) -> None:
+        super().__init__()
+        self.owner, self.names, self.batch = owner, names, batch
+
+    def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Optional[Dict[str, Any]] = None) -> Any:
+        kwargs = kwargs or {}
+        if func is F.linear:
+            for name in self.names:
+                layer = getattr(self.owner, name)
+                inner = getattr(layer, "original_module", layer)  # kronfluence's TrackedModule keeps the layer
+                if args[1] is inner.weight:
+                    bias = args[2] if len(args) > 2 else kwargs.get("bias")
+                    tokens = args[0]
+                    output = layer(tokens.reshape(self.batch, -1, tokens.shape[-1])).reshape(*tokens.shape[:-1], -1)
+                    return output if bias is inner.bias else output + (bias - inner.bias)
+        return func(*args, **kwargs)
+
+
+class LayerCalling(nn.Module):
+    """Runs `inner` with its `F.linear` calls on the weights of the layers `names` made through the layers."""
+
+    def __init__(self, inner: nn.Module, names: Sequence[str]) -> None:
+        super().__init__()
+        self.inner = inner
+        self.names = tuple(names)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        with _LayerCalls(self.inner, self.names, inputs.shape[0]):
+            return self.inner(inputs)
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+    setattr(parent, name.rpartition(".")[2], module)
+
+
 def make_attention_trackable(model: nn.Module) -> nn.Module:
-    """Replaces every `nn.MultiheadAttention` in `model` by a `SelfAttention` over the same parameters."""
+    """Replaces every `nn.MultiheadAttention` in `model` by a `SelfAttention` over the same parameters, and
+    runs every Swin attention through `LayerCalling`."""
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.MultiheadAttention):
-            parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-            setattr(parent, name.rpartition(".")[2], SelfAttention(module))
+            _replace(model, name, SelfAttention(module))
+        callers = [names for kind, names in LINEAR_CALLERS.items() if isinstance(module, kind)]
+        if callers:
+            _replace(model, name, LayerCalling(module, callers[0]))
     return model

@@ -14,7 +14,7 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
-from influence.model import architectures
+from influence.model import DEFAULT_ARCH
 from influence.runtime.cli import UserError
 
 # Keys under which training scripts commonly wrap a state dict.
@@ -25,8 +25,8 @@ CHECKPOINT_SAFE_GLOBALS = (argparse.Namespace,)
 # How torch's weights-only unpickler names an object it refuses to build.
 UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
 DDP_PREFIX = "module."
-# How messages name the default architecture (its results and tests say ResNet-50).
-ARCH_NAMES = {"resnet50": "ResNet-50"}
+# GoogLeNet's and Inception v3's auxiliary classifiers, which the model is built without (eval never runs them).
+AUXILIARY_PREFIXES = ("aux1.", "aux2.", "AuxLogits.")
 
 
 def _read_checkpoint(path: Path) -> Dict[str, Any]:
@@ -73,16 +73,20 @@ def load_checkpoint_state_dict(path: str | Path) -> Dict[str, torch.Tensor]:
     return {k[len(DDP_PREFIX) :] if k.startswith(DDP_PREFIX) else k: v for k, v in state_dict.items()}
 
 def model_from_state_dict(
-    state_dict: Dict[str, torch.Tensor], source: str, arch: str = architectures.DEFAULT_ARCH, image_size: Optional[int] = None
+    state_dict: Dict[str, torch.Tensor], source: str, arch: str = DEFAULT_ARCH, image_size: Optional[int] = None
 ) -> nn.Module:
     """A model of `arch` with these weights; the number of outputs is read from its classifier's last
     layer (`fc.weight` for a ResNet), the input size of a vision transformer is `image_size`."""
-    name = ARCH_NAMES.get(arch, arch)
+    # Imported here: torchvision, which the run records (records.py hashes checkpoints) do not need.
+    from influence.model import architectures  # pylint: disable=import-outside-toplevel
+
+    name = architectures.display_name(arch)
     with torch.device("meta"):  # the layer's name only: no memory, no initialisation
         layer_name, _ = architectures.output_layer(architectures.build(arch, image_size=image_size))
     key = f"{layer_name}.weight"
     if key not in state_dict or state_dict[key].dim() not in (2, 4):
-        raise UserError(f"{source} is not a {name} state dict: it has no `{key}` (its classifier's last layer)")
+        raise UserError(f"{source} is not a {name} state dict: it has no 2-d `{key}`" + ("" if arch == DEFAULT_ARCH else " (its classifier's last layer)"))
+    state_dict = {key: value for key, value in state_dict.items() if not key.startswith(AUXILIARY_PREFIXES)}
     model = architectures.build(arch, num_classes=state_dict[key].shape[0], image_size=image_size)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
@@ -90,7 +94,7 @@ def model_from_state_dict(
     if missing or unexpected:
         raise UserError(
             f"{source} does not fit {name}: {len(missing)} keys missing (e.g. {missing[:3]}), "
-            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}); another architecture needs --arch"
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})" + ("" if arch == DEFAULT_ARCH else "; another architecture needs --arch")
         )
     for key, tensor in expected.items():
         if state_dict[key].shape != tensor.shape:

@@ -1,6 +1,6 @@
 """Which of a model's parameters the influence scores cover. kronfluence hooks `nn.Linear` and `nn.Conv2d`
-layers; here they are found whatever their subclass (a vision transformer's attention is made of such
-layers first: influence/model/attention.py). What is left out (normalisation layers, class tokens,
+layers; here they are found whatever their subclass (a transformer's attention is made trackable first:
+influence/model/attention.py). What is left out (normalisation layers, class tokens,
 position embeddings, layer scales, Swin's relative position biases) and what kronfluence approximates
 (grouped and depthwise convolutions: their inputs are averaged over the channel groups) is stated in one
 line at start, in the run record and in docs/usage.md."""
@@ -13,11 +13,13 @@ from typing import Any, Dict, List, Tuple
 from kronfluence.module.tracked_module import TrackedModule
 from torch import nn
 
+from influence.model.attention import LINEAR_CALLERS, LayerCalling
 from influence.runtime.cli import UserError
 
 TRACKED_TYPES = (nn.Linear, nn.Conv2d)
-# Layers that apply their sub-layers' parameters functionally: no hook sees those (attention.py rebuilds them).
-FUNCTIONAL_OWNERS = (nn.MultiheadAttention,)
+# Layers that apply their sub-layers' parameters functionally: no hook sees those unless attention.py has
+# rebuilt them (MultiheadAttention) or runs them through LayerCalling (Swin's).
+FUNCTIONAL_OWNERS = (nn.MultiheadAttention, *LINEAR_CALLERS)
 NORMALISATION_TYPES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
 
 
@@ -33,11 +35,19 @@ def tracked_named_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
 
 
 def _functional_prefixes(model: nn.Module) -> Tuple[str, ...]:
-    return tuple(f"{name}." for name, module in model.named_modules() if isinstance(module, FUNCTIONAL_OWNERS))
+    called = {id(module.inner) for module in model.modules() if isinstance(module, LayerCalling)}
+    return tuple(
+        f"{name}." for name, module in model.named_modules() if isinstance(module, FUNCTIONAL_OWNERS) and id(module) not in called
+    )
 
 
 def tracked_layers(model: nn.Module) -> List[nn.Module]:
     return [module for _, module in tracked_named_layers(model)]
+
+
+def tracked_module_names(model: nn.Module) -> List[str]:
+    """What the kronfluence Task tracks (`get_influence_tracked_modules`), for a model not yet wrapped."""
+    return [name for name, _ in tracked_named_layers(model)]
 
 
 def register_subclasses(model: nn.Module) -> None:
@@ -50,8 +60,9 @@ def register_subclasses(model: nn.Module) -> None:
 
 
 def _untracked_kind(owner: nn.Module, parameter_name: str) -> str:
-    if isinstance(owner, FUNCTIONAL_OWNERS + TRACKED_TYPES):  # an untracked Linear is one inside such a layer
-        return "attention projections (nn.MultiheadAttention)"
+    # An untracked Linear or Conv2d is one inside a FUNCTIONAL_OWNER; MultiheadAttention holds its input projection bare.
+    if isinstance(owner, TRACKED_TYPES) or (isinstance(owner, nn.MultiheadAttention) and parameter_name.startswith("in_proj")):
+        return "attention projections (applied functionally)"
     if isinstance(owner, NORMALISATION_TYPES):
         return "normalisation layers"
     if len(list(owner.children())) > 0:  # held by a block itself: class token, position embedding, layer scale

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 import torch
 
@@ -23,11 +23,6 @@ def default_weights(arch: str = DEFAULT_ARCH) -> str:
     """The weights loaded when `--weights` is not given: the architecture's first published ones
     (IMAGENET1K_V1 for ResNet-50, as upstream)."""
     return architectures.first_weights(arch).name
-
-
-def weight_choices(arch: str = DEFAULT_ARCH) -> List[str]:
-    """Names accepted by `--weights` with `arch`: its torchvision weights enum's members, or `none`."""
-    return architectures.weight_choices(arch)
 
 
 def weights_preprocessing(weights_name: str, arch: str = DEFAULT_ARCH) -> Preprocessing:

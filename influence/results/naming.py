@@ -9,7 +9,7 @@ from typing import Optional, Tuple
 
 from kronfluence.utils.constants import FACTOR_SAVE_PREFIX, SCORE_SAVE_PREFIX
 
-from influence.model.architectures import DEFAULT_ARCH
+from influence.model import DEFAULT_ARCH
 
 DEFAULT_OUTPUT_DIR = "influence_results"
 DEFAULT_ANALYSIS_NAME = "imagenet"

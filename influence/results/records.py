@@ -22,7 +22,7 @@ from torch.utils import data
 
 from influence.analysis.settings import AnalysisSettings
 from influence.data import images
-from influence.model import architectures, checkpoints
+from influence.model import DEFAULT_ARCH, checkpoints
 from influence.results import naming
 from influence.runtime.cli import UserError
 
@@ -34,12 +34,12 @@ DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 ARCH_PREFIX = "arch:"
 
 
-def model_source(weights: Optional[str] = None, checkpoint: Optional[Path] = None, arch: str = architectures.DEFAULT_ARCH) -> str:
+def model_source(weights: Optional[str] = None, checkpoint: Optional[Path] = None, arch: str = DEFAULT_ARCH) -> str:
     """What results record as their model: `checkpoint sha256:...` (the file's content, wherever it is)
     or `weights:NAME` (torchvision's, or `none` for a random init), after `arch:NAME ` for any architecture
     but ResNet-50 (whose results keep the record they always had), so a changed --arch is refused on rerun."""
     model = f"checkpoint sha256:{checkpoints.file_sha256(checkpoint)}" if checkpoint is not None else f"weights:{weights}"
-    return model if arch == architectures.DEFAULT_ARCH else f"{ARCH_PREFIX}{arch} {model}"
+    return model if arch == DEFAULT_ARCH else f"{ARCH_PREFIX}{arch} {model}"
 
 
 def split_model_source(source: str) -> Tuple[str, str]:
@@ -48,7 +48,13 @@ def split_model_source(source: str) -> Tuple[str, str]:
     if source.startswith(ARCH_PREFIX):
         arch, _, model = source[len(ARCH_PREFIX):].partition(" ")
         return arch, model
-    return architectures.DEFAULT_ARCH, source
+    return DEFAULT_ARCH, source
+
+
+def check_same_arch(recorded: Optional[str], asked: Optional[str], what: str) -> None:
+    """One line when `what` (results, factors) were computed with another architecture than --arch asks for."""
+    if recorded is not None and asked is not None and recorded != asked:
+        raise UserError(f"{what} were computed for --arch {recorded}, not --arch {asked}: pass --arch {recorded}")
 
 
 def recorded_arch(record: Optional[Dict[str, Any]]) -> Optional[str]:
