@@ -160,12 +160,12 @@ def shard_checksum(path: Path) -> str:
         raise UserError(f"{path} is not a readable shard ({error}); {_rebuild_hint(path)}") from None
 
 
-def read_shard_chunks(path: Path, rows: int, dim: int, checksum: Optional[str] = None, chunk_bytes: int = READ_CHUNK_BYTES) -> Iterator[Tuple[int, torch.Tensor]]:
+def read_shard_chunks(path: Path, rows: int, dim: int, checksum: Optional[str] = None) -> Iterator[Tuple[int, torch.Tensor]]:
     """A finished shard streamed as (first row, rows x dim chunk) in its stored dtype, never more than
-    `chunk_bytes` of float32 rows at a time; with `checksum`, its bytes are checked against it after the
+    READ_CHUNK_BYTES of float32 rows at a time; with `checksum`, its bytes are checked against it after the
     last chunk (before the caller's results are used). One line naming the shard if it is not one or its
     bytes changed."""
-    step = max(1, chunk_bytes // (4 * max(dim, 1)))
+    step = max(1, READ_CHUNK_BYTES // (4 * max(dim, 1)))
     digest = hashlib.sha256()
     try:
         with safe_open(str(path), framework="pt") as handle:
