@@ -11,8 +11,8 @@ from typing import Dict, Sequence, Tuple
 
 import torch
 
+from influence.index import shards
 from influence.index.projection import LayerProjection
-from influence.index.shards import READ_CHUNK_BYTES
 from influence.results import preflight
 from influence.runtime import distributed
 from influence.runtime.cli import UserError
@@ -31,7 +31,7 @@ def query_memory(plan: Sequence[LayerProjection], num_queries: int, ranges: Sequ
     full = sum(layer.outputs * layer.inputs for layer in plan)
     dim = sum(layer.size for layer in plan)
     num_train = ranges[-1][1]
-    chunk_rows = min(max(1, READ_CHUNK_BYTES // (FLOAT32_BYTES * dim)), max(stop - start for start, stop in ranges))
+    chunk_rows = min(max(1, shards.READ_CHUNK_BYTES // (FLOAT32_BYTES * dim)), max(stop - start for start, stop in ranges))
     columns = sum(ranges[position][1] - ranges[position][0] for position in layout.share(len(ranges)))
     needs = {
         "query batch": query_batch_size * full * FLOAT32_BYTES * GRADIENT_COPIES,
