@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List, Tuple
 
 import pytest
 import torch
 from conftest import tiny_counts, write_image_folder
 from safetensors.torch import load_file
 from small_model_cli import analyze_in_process, build_tiny_model
+from test_gradient_index import _main
 
 import gradient_index
 import pipeline
@@ -30,17 +30,6 @@ QUERY = ["--num_queries", "2", "--damping_factor", "heuristic"]
 @pytest.fixture
 def dataset(tmp_path) -> Path:
     return write_image_folder(tmp_path / "imagenet", tiny_counts(train=4, val=2))
-
-
-def _main(argv: List[str], capsys) -> Tuple[int, str]:
-    capsys.readouterr()
-    try:
-        gradient_index.main(argv)
-        code = 0
-    except SystemExit as stop:
-        code = stop.code
-    err = capsys.readouterr().err.strip().splitlines()
-    return code, err[-1] if err else ""
 
 
 def _scores(path: Path) -> torch.Tensor:
