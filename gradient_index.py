@@ -136,7 +136,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.analysis_name is None:
         args.analysis_name = defaults["analysis_name"]
     if args.num_workers is None:
-        args.num_workers = 0 if args.demo else hardware.default_num_workers()
+        args.num_workers = 0 if args.demo else hardware.default_num_workers(distributed.layout_from_env().local_world_size)
     if args.command == "build":
         if args.train_batch_size is None:
             args.train_batch_size = defaults["train_batch_size"]
@@ -262,7 +262,8 @@ def run_build(args: argparse.Namespace, layout: distributed.Layout) -> Path:
     label = basis_label(settings.basis, args.use_half_precision)
     directory = index_dir(settings.output_dir, settings.analysis_name, label, settings.index_dim)
     logger.info(hardware.describe_device(device, args.device))
-    hardware.warn_if_slow_on_cpu(device, num_train, args.demo)
+    if layout.is_main:
+        hardware.warn_if_slow_on_cpu(device, num_train, args.demo)
 
     def claim() -> Any:
         record = claim_results_dir(directory, depends_on, settings, "gradient index", resolved)
