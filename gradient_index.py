@@ -46,7 +46,7 @@ from influence.data import demo, layouts, queries
 from influence.index import projection
 from influence.index.basis import index_depends_on, index_projections, load_factors
 from influence.index.compute import check_disk, compress_training_set, score_queries
-from influence.index.memory import check_query_memory
+from influence.index.memory import check_build_memory, check_query_memory
 from influence.index.shards import (
     BASES,
     DEFAULT_BASIS,
@@ -188,10 +188,10 @@ def load_inputs(args: argparse.Namespace, with_val: bool, layout: distributed.La
         weights = pipeline.DEFAULT_WEIGHTS
     preprocessing = pipeline.model_preprocessing(weights if args.checkpoint is None else None, args.resize_size, args.crop_size)
     dataset_dir = Path(args.dataset_dir)
+    distributed.check_shared(layout, naming.analysis_dir(args.output_dir, args.analysis_name), {"--dataset_dir": dataset_dir, "--checkpoint": args.checkpoint})
     if layout.distributed and layouts.needs_unpacking(dataset_dir):
         raise UserError(f"{dataset_dir} holds ImageNet's archives, not yet unpacked: run {PROG} once without torchrun to unpack them, then this command")
     layouts.prepare_archives(dataset_dir)
-    distributed.check_shared(layout, naming.analysis_dir(args.output_dir, args.analysis_name), {"--dataset_dir": dataset_dir, "--checkpoint": args.checkpoint})
     train = pipeline.get_imagenet_dataset("train", dataset_dir, preprocessing=preprocessing)
     distributed.check_same(layout, f"the training images under {dataset_dir}", len(train))
     val = pipeline.get_imagenet_dataset("val", dataset_dir, preprocessing=preprocessing) if with_val else None
@@ -285,6 +285,7 @@ def run_build(args: argparse.Namespace, layout: distributed.Layout) -> Path:
     mine = unfinished[layout.rank :: layout.world_size]
     progress = distributed.Progress(layout, f"{index_name(label, settings.index_dim)}/build")
     if unfinished:
+        check_build_memory(min(settings.shard_size, num_train) * per_image, layout)
         elapsed = compress_training_set(
             inputs.model, inputs.train, projections, directory, ranges, mine, dtype, settings.train_batch_size,
             settings.num_workers, device, settings.seed, progress, show_progress=layout.is_main,

@@ -1,7 +1,7 @@
 """The gradient index's shards as a query reads them (influence/index/shards.py, memory.py): streamed in
 row chunks with the scores of one whole read; a shard whose bytes changed after it was written (64 bytes
 overwritten, same size) named in one line with the command that rebuilds it, and rebuilt by it; a query
-that cannot fit in host memory refused before any work; an index built and queried on analyze.py's
+or a build that cannot fit in host memory refused before any work; an index built and queried on analyze.py's
 half-precision factors (`--use_half_precision`) recorded as such, its scores those of analyze.py's."""
 
 from __future__ import annotations
@@ -70,6 +70,9 @@ def test_streamed_checked_shards_and_a_changed_shard_named_and_rebuilt(dataset, 
     assert code == 2 and line.startswith("gradient_index.py: error: not enough host memory for the query on rank 0: it needs about "), line
     assert "(query batch " in line and "1.0 kB is available; lower --query_batch_size" in line, line
     assert not (tmp_path / "out" / "imagenet" / "scores_small" / naming.PAIRWISE_SCORES_FILE).exists()
+    other = ["--dataset_dir", str(dataset), "--output_dir", str(tmp_path / "other"), *COMMON, "--basis", "gaussian"]
+    code, line = _main(["build", *other, *BUILD], capsys)
+    assert code == 2 and line.startswith("gradient_index.py: error: not enough host memory to build a shard on rank 0: it takes about 3.7 kB (twice the shard), 1.0 kB is available; lower --shard_size"), line
 
 
 def test_an_index_on_half_precision_factors_gives_analyze_half_precision_scores(dataset, tmp_path, monkeypatch):

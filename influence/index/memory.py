@@ -1,5 +1,5 @@
-"""The memory a gradient-index query needs, counted before the work, as analyze.py's preflight counts its
-own: one line when the host (or the GPU) cannot hold it. The index itself is never held: each shard is
+"""The memory a gradient-index query (and a build's shard) needs, counted before the work, as analyze.py's
+preflight counts its own: one line when the host (or the GPU) cannot hold it. The index itself is never held: each shard is
 streamed in chunks of `shards.READ_CHUNK_BYTES`, so a 141.7 GB index is queried with a few hundred MB of
 shard data in memory; what grows is the query batch (its full preconditioned gradients) and the score
 matrix rank 0 assembles."""
@@ -66,3 +66,12 @@ def check_query_memory(plan: Sequence[LayerProjection], num_queries: int, ranges
         if sum(on_device.values()) > free:
             raise UserError(f"not enough GPU memory for the query on rank {layout.rank}: it needs about {preflight.size_text(sum(on_device.values()))} ({_line(on_device)}), {preflight.size_text(free)} is free; {advice}")
     return needs
+
+
+def check_build_memory(shard_bytes: int, layout: distributed.Layout) -> None:
+    """One line when this rank's host memory cannot hold a shard while it is built: its rows as they come,
+    and their concatenation written to disk (the model and a batch come on top, as for analyze.py)."""
+    needed, available = 2 * shard_bytes, preflight.available_memory_bytes()
+    logger.info("preflight: a shard needs about %s of host memory while it is built, %s available", preflight.size_text(needed), preflight.size_text(available))
+    if needed > available:
+        raise UserError(f"not enough host memory to build a shard on rank {layout.rank}: it takes about {preflight.size_text(needed)} (twice the shard), {preflight.size_text(available)} is available; lower --shard_size")
