@@ -1,8 +1,8 @@
 """The gradient index past one process, measured on this machine (benchmarks/gradient_index_benchmark.py's
 `scaling` and `memory` subcommands).
 
-`scaling`: gradient_index.py's build and query as a user types them, in one process (every core) and
-under `torchrun --standalone --nproc-per-node 2` (gloo on the CPU, one thread a process: the same cores),
+`scaling`: gradient_index.py's build and query as a user types them, in one process (every core, then
+one thread) and under `torchrun --standalone --nproc-per-node 2` (gloo on the CPU, one thread a process),
 on a random-init ResNet-50 (saved as a checkpoint) and generated ImageNet-sized JPEGs at 224 pixels, the
 EKFAC basis and preconditioning fitted once by analyze.py; training images compressed per second and
 query seconds per 1,000 queries, from the phase timings the scripts log (start-up excluded, stated
@@ -46,7 +46,10 @@ RESIZE = 256
 INDEX_DIM = 32
 IMAGENET_TRAIN = 1_281_167
 QUERIES = 1000
-PROCESSES = (1, 2)
+# (processes, torch threads a process): one process with every core (a user's default), one with one thread,
+# and two under torchrun (which gives each one thread): on a shared machine the one-thread rows compare
+# like with like, since threads that cannot all run spin-wait (docs/tests.md).
+VARIANTS = ((1, None), (1, 1), (2, 1))
 SHARD_SIZE = 16  # training images per shard here: 2 per rank at 64 images, so both ranks write
 # PROJECTED, not measured: upstream's rank-32 scoring pass over ImageNet on one A100 (about 3 hours) runs at
 # least the build's work (a forward and backward pass per training image), so it bounds the build's time.
@@ -91,36 +94,40 @@ def run_scaling(args: Any) -> Dict[str, Any]:
         torch.save(pipeline.calibrate_batchnorm(resnet50(weights=None), torch.randn(8, 3, CROP, CROP)).state_dict(), checkpoint)
         model = ["--dataset_dir", str(dataset), "--checkpoint", str(checkpoint), "--resize_size", str(RESIZE), "--crop_size", str(CROP), "--num_workers", "0"]
         factors = root / "factors"
+        # Factors of a few images suffice: the query's cost is the preconditioning, not the factors' quality.
         _run([sys.executable, "analyze.py", *model, "--output_dir", str(factors), "--factor_strategy", "ekfac", "--num_queries", "1",
-              "--train_batch_size", "8", "--factor_batch_size", "8", "--damping_factor", "heuristic"], env)
+              "--train_batch_size", "8", "--factor_batch_size", "8", "--factor_examples", "8", "--damping_factor", "heuristic"], env)
         runs: Dict[str, Any] = {}
-        for processes in PROCESSES:
-            out = root / f"processes{processes}"
+        for processes, threads in VARIANTS:
+            name = f"{processes}x{threads or 'all'}"
+            run_env = env if threads is None else {**env, "OMP_NUM_THREADS": str(threads)}
+            out = root / name
             shutil.copytree(naming.factors_dir(factors, "imagenet", "ekfac"), naming.factors_dir(out, "imagenet", "ekfac"))
             common = [*model, "--output_dir", str(out), "--index_dim", str(INDEX_DIM)]
             started = time.perf_counter()
-            log = _run(_command(processes, "gradient_index.py", ["build", *common, "--shard_size", str(SHARD_SIZE), "--train_batch_size", "8"]), env)
+            log = _run(_command(processes, "gradient_index.py", ["build", *common, "--shard_size", str(SHARD_SIZE), "--train_batch_size", "8"]), run_env)
             build_wall = time.perf_counter() - started
             images, build_s = BUILD_LINE.search(log).groups()
             started = time.perf_counter()
             log = _run(_command(processes, "gradient_index.py", ["query", *common, "--num_queries", str(args.queries), "--query_batch_size", "4",
-                                                                 "--damping_factor", "heuristic"]), env)
+                                                                 "--damping_factor", "heuristic"]), run_env)
             query_wall = time.perf_counter() - started
             gradients_s, _, scoring_s = QUERY_LINE.search(log).groups()
-            runs[str(processes)] = {
+            runs[name] = {"processes": processes, "threads_per_process": threads or torch.get_num_threads(),
                 "build_images": int(images), "build_s": float(build_s), "build_images_per_s": int(images) / float(build_s), "build_command_s": build_wall,
                 "queries": args.queries, "query_gradients_s": float(gradients_s), "scoring_s": float(scoring_s), "query_command_s": query_wall,
                 "query_s_per_1000": (float(gradients_s) + float(scoring_s)) / args.queries * QUERIES,
             }
-            print(f"{processes} process(es): build {runs[str(processes)]['build_images_per_s']:.2f} images/s, query {runs[str(processes)]['query_s_per_1000']:.0f} s per 1,000 queries")
-        scores = [index_shards.index_scores_dir(root / f"processes{p}", "imagenet", "ekfac", INDEX_DIM, "ekfac") / naming.PAIRWISE_SCORES_FILE for p in PROCESSES]
+            print(f"{name}: build {runs[name]['build_images_per_s']:.2f} images/s, query {runs[name]['query_s_per_1000']:.0f} s per 1,000 queries", flush=True)
+        scores = [index_shards.index_scores_dir(root / name, "imagenet", "ekfac", INDEX_DIM, "ekfac") / naming.PAIRWISE_SCORES_FILE for name in ("1x1", "2x1")]
         one, two = (load_file(str(path))[naming.SCORES_KEY] for path in scores)
-        peaks = {str(size): _peak_query([*model, "--output_dir", str(root / "processes1"), "--index_dim", str(INDEX_DIM), "--num_queries", str(size),
-                                         "--query_batch_size", str(size), "--damping_factor", "heuristic", "--scores_dir", str(root / "processes1" / "imagenet" / f"scores_peak{size}")], env)
+        peaks = {str(size): _peak_query(["query", *model, "--output_dir", str(root / "1x1"), "--index_dim", str(INDEX_DIM), "--num_queries", str(size),
+                                         "--query_batch_size", str(size), "--damping_factor", "heuristic", "--scores_dir", str(root / "1x1" / "imagenet" / f"scores_peak{size}")],
+                                        {**env, "OMP_NUM_THREADS": "1"})
                  for size in (1, 4)}
     result = {
         "machine": hardware.describe_device("cpu"), "train_images": args.train, "crop": CROP, "index_dim": INDEX_DIM, "runs": runs,
-        "scores_max_relative_difference_2_vs_1": float((two - one).abs().max() / one.abs().max()),
+        "scores_max_relative_difference_2_vs_1_process": float((two - one).abs().max() / one.abs().max()),  # one thread each: expected 0
         "query_peak_host_mib_by_batch_size": peaks, "query_peak_host_mib_per_query": (peaks["4"] - peaks["1"]) / 3,
         "projection": projection_arithmetic(runs),
     }
@@ -132,14 +139,14 @@ def projection_arithmetic(runs: Dict[str, Any]) -> Dict[str, Any]:
     GPUs from upstream's A100 pass and the assumptions named in the module's constants."""
     dim = sum(layer.size for layer in projection.layer_plan(pipeline.build_model(weights=pipeline.NO_WEIGHTS), INDEX_DIM))
     index_bytes = IMAGENET_TRAIN * dim * 2
-    speedup = runs["2"]["build_images_per_s"] / runs["1"]["build_images_per_s"]
+    speedup = runs["2x1"]["build_images_per_s"] / runs["1x1"]["build_images_per_s"]
     read_s = index_bytes / ASSUMED_READ_BYTES_PER_S
     scoring_s = 2 * QUERIES * dim * IMAGENET_TRAIN / ASSUMED_GPU_FLOPS
     precondition_s = 2 * QUERY_MACS * QUERIES / ASSUMED_GPU_FLOPS
     return {
         "label": "PROJECTED: not measured on a GPU",
         "cpu_build_hours": {p: IMAGENET_TRAIN / runs[p]["build_images_per_s"] / 3600 for p in runs},
-        "measured_2_process_build_speedup": speedup,
+        "measured_2_process_build_speedup_over_1_process_1_thread": speedup,
         "gpu_build_hours": {"1": UPSTREAM_A100_PASS_S / 3600, "8": UPSTREAM_A100_PASS_S / 8 / 3600},
         "gpu_query_s_per_1000": {
             "1": {"precondition": precondition_s, "scoring": scoring_s, "read": read_s, "total": precondition_s + scoring_s + read_s},
