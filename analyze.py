@@ -220,6 +220,8 @@ def run(args: argparse.Namespace, layout: distributed.Layout) -> Dict[str, Path]
     preprocessing = pipeline.model_preprocessing(weights if args.checkpoint is None else None, args.resize_size, args.crop_size, args.arch)
     dataset_dir = Path(args.dataset_dir)
     distributed.on_main(layout, lambda: layouts.prepare_archives(dataset_dir))  # ImageNet's archives, unpacked once
+    # Several machines: every rank must see rank 0's output folder and the same inputs, or stop in one line now.
+    distributed.check_shared(layout, naming.analysis_dir(settings.output_dir, settings.analysis_name), {"--dataset_dir": dataset_dir, "--checkpoint": args.checkpoint})
     # Cheap folder checks come before the model is built.
     train_dataset = pipeline.get_imagenet_dataset("train", dataset_dir, preprocessing=preprocessing)
     val_dataset = pipeline.get_imagenet_dataset("val", dataset_dir, preprocessing=preprocessing)

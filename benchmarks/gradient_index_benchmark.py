@@ -12,6 +12,10 @@ and the build and query seconds to --json. One --index_dim per command, so each 
 measured here (training images compressed per second at 224 pixels, training rows scored per second for
 1,000 queries), a PROJECTION of the disk, build time and query time for 1,281,167 training images.
 
+`scaling` and `memory` (benchmarks/gradient_index_scaling.py): build images/s and query seconds per 1,000
+queries at 1 and 2 processes (torchrun) on this machine with the projection to 1 and 8 GPUs; the peak
+memory of a query's streaming pass over a large synthetic index, per shard and per query batch.
+
 Run it from the repository root as `python -m benchmarks.gradient_index_benchmark SUBCOMMAND ...`."""
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import torch
 
 import gradient_index
 import pipeline
+from benchmarks import gradient_index_scaling
 from influence.analysis.agreement import SPEARMAN, STATISTICS, overlap_name, row_statistics
 from influence.analysis.scoring import load_scores
 from influence.analysis.task import ClassificationTask
@@ -335,7 +340,17 @@ def build_parser() -> argparse.ArgumentParser:
     imagenet = commands.add_parser("imagenet", help="Sizes and a projection of build and query time for ImageNet.")
     imagenet.add_argument("--index_dims", type=positive_int, nargs="+", default=list(DEFAULT_DIMS), help=f"The --index_dim values (default: {' '.join(map(str, DEFAULT_DIMS))}).")
     imagenet.add_argument("--measure_images", type=positive_int, default=MEASURE_IMAGES, help=f"Images at {IMAGENET_CROP} px per build-rate measurement (default: {MEASURE_IMAGES}).")
-    for command in (agreement, figure, imagenet):
+    scaling = commands.add_parser("scaling", help="Build and query at 1 and 2 processes (torchrun) here, and the projection to GPUs.")
+    scaling.add_argument("--train", type=positive_int, default=64, help="Generated training images at 224 px (default: 64).")
+    scaling.add_argument("--queries", type=positive_int, default=8, help="Queries (default: 8).")
+    memory = commands.add_parser("memory", help="Peak memory of a query's pass over a large synthetic index, at two shard sizes.")
+    memory.add_argument("--rows", type=positive_int, default=40_000, help="Rows of the synthetic index (default: 40,000: 4.4 GB in float16).")
+    memory.add_argument("--queries", type=positive_int, default=1000, help="Query vectors scored (default: 1,000).")
+    memory.add_argument("--shard_sizes", type=positive_int, nargs="+", default=[2_500, 10_000], help="Rows per shard (default: 2,500 10,000).")
+    for command in (scaling, memory):
+        command.add_argument("--workdir", type=Path, help="Scratch folder, new or one a benchmark made (default: a temporary one); deleted at the end unless --keep.")
+        command.add_argument("--keep", action="store_true", help="Keep --workdir.")
+    for command in (agreement, figure, imagenet, scaling, memory):
         command.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"The measurements, read and extended (default: {DEFAULT_JSON}).")
     return parser
 
@@ -344,7 +359,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Any:
     args = build_parser().parse_args(argv)
     setup_logging()
     with user_errors(PROG):
-        return {"agreement": run_agreement, "figure": run_figure, "imagenet": run_imagenet}[args.command](args)
+        commands = {"agreement": run_agreement, "figure": run_figure, "imagenet": run_imagenet,
+                    "scaling": gradient_index_scaling.run_scaling, "memory": gradient_index_scaling.run_memory}
+        return commands[args.command](args)
 
 
 if __name__ == "__main__":

@@ -133,8 +133,8 @@ def pytest_configure(config):
         torch.set_num_threads(1)
 
 
-# The files of the slow tests, longest first (measured: about 4.5, 1 and 1.5 minutes on one thread).
-LONGEST_FIRST = ("test_trained_digits.py", "test_gpu_check.py", "test_distributed.py", "test_architectures.py")
+# The files of the slow tests, longest first (measured: about 4.5, 1, 1.5, 1 and 0.8 minutes on one thread).
+LONGEST_FIRST = ("test_trained_digits.py", "test_gpu_check.py", "test_distributed.py", "test_gradient_index_torchrun.py", "test_architectures.py")
 
 
 def pytest_collection_modifyitems(session, config, items):

@@ -6,7 +6,8 @@ line; the command line as a user runs it ends in a file top_influences.py reads.
 
 Run as a script (`python tests/test_gradient_index.py build ...`) this file is gradient_index.py's command
 line with the tiny CNN of small_model_cli.py in place of the ResNet-50; `KILL_AT=N` SIGKILLs it at its
-N-th training batch and `COUNT_FILE=PATH` writes how many training batches it computed."""
+N-th training batch (under torchrun, only rank `KILL_RANK` if set) and `COUNT_FILE=PATH` writes how many
+training batches it computed."""
 
 from __future__ import annotations
 
@@ -473,7 +474,7 @@ def _worker() -> None:
     """gradient_index.py's main with the tiny CNN (see the module docstring)."""
     pipeline.build_model = build_tiny_model
     calls = {"n": 0}
-    kill_at = int(os.environ.get("KILL_AT") or 0)
+    kill_at = int(os.environ.get("KILL_AT") or 0) if os.environ.get("KILL_RANK", os.environ.get("RANK", "0")) == os.environ.get("RANK", "0") else 0
     count_file = os.environ.get("COUNT_FILE")
     loss = ClassificationTask.compute_train_loss
 

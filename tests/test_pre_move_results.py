@@ -3,11 +3,12 @@ recomputed. tests/fixtures/pre_move/ holds a tiny ImageNet-layout folder and the
 previous layout (commit a0c47a0, modules flat at the root) wrote for it with the tiny CNN of
 tests/small_model_cli.py: EKFAC factors and full-rank scores (analyze.py), and an EKFAC-basis gradient index
 at --index_dim 4 with its scores (gradient_index.py). The same commands now must find every phase finished
-and leave every file as it was."""
+and leave every file as it was, but for the index's record, which gains its shards' checksums."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from pathlib import Path
 from typing import Dict
@@ -63,7 +64,15 @@ def test_results_from_before_the_move_are_reused(pre_move, monkeypatch, capfd):
     log = capfd.readouterr().err
     assert log.count("reusing finished scores") == 2  # analyze.py's EKFAC scores and the index's
     assert "reusing 2 finished" in log  # both shards of the index
-    assert _digests(pre_move["results"]) == before  # not one byte rewritten, not one file touched
+    # Not one byte rewritten, not one file touched, but the index's record: it gains its shards' checksums
+    # (recorded since), those of the bytes the old build wrote, under the same id.
+    index_record = f"imagenet/{index_shards.index_name('ekfac', INDEX_DIM)}/{naming.RUN_CONFIG_FILE}"
+    after = _digests(pre_move["results"])
+    assert {k: v for k, v in after.items() if k != index_record} == {k: v for k, v in before.items() if k != index_record}
+    record = json.loads((pre_move["results"] / index_record).read_text())
+    assert record["id"] == json.loads((FIXTURE / "results" / index_record).read_text())["id"]
+    shards = sorted((pre_move["results"] / index_record).parent.glob("shard_*"))
+    assert [entry["sha256"] for entry in record["shards"]] == [index_shards.tensor_checksum(load_file(str(path))["gradients"]) for path in shards]
     new_scores = load_file(str(naming.pairwise_scores_path(pre_move["results"], "imagenet", "ekfac")))[naming.SCORES_KEY]
     assert torch.equal(new_scores, old_scores)
     assert index_scores == pre_move["results"] / "imagenet" / "scores_index_ekfac_dim4" / naming.PAIRWISE_SCORES_FILE

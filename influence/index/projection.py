@@ -299,6 +299,9 @@ def preconditioned_query_gradients(
     and EKFAC, `inverse_curvature` (when given) is filled with each layer's 1 / (lambda + damping) in its
     eigenbasis, as kronfluence prepared it (its damping rule, heuristic included)."""
     model, task, device = analyzer.model, analyzer.task, analyzer.state.device
+    # Under torchrun kronfluence wraps the model in DDP; each rank here runs its own query batches, which
+    # must not wait on the other ranks' forward passes (DDP's buffer broadcast), so the module runs bare.
+    model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     names = [module.name for module in model.modules() if isinstance(module, TrackedModule)]
     update_factor_args(model=model, factor_args=factor_args)
     update_score_args(model=model, score_args=score_args)
