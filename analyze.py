@@ -264,8 +264,8 @@ def run(args: argparse.Namespace, layout: distributed.Layout) -> Dict[str, Path]
     }
     # The input checks are done (their errors stay one line on stderr): what the work will run on, first.
     logger.info(hardware.describe_device(device, args.device))
-    logger.info(tracking.tracking_line(args.arch, tracked))
     hardware.warn_if_slow_on_cpu(device, len(train_dataset), args.demo)
+    logger.info(tracking.tracking_line(args.arch, tracked))
     logger.info(
         "%s: %d training images, %d queries, strategy %s, %s, %s%s",
         source, len(train_dataset), num_queries, settings.strategy,

@@ -314,7 +314,7 @@ def phase_table(phases: List[Dict[str, Any]]) -> str:
 SMALL_MODEL = "small"
 
 
-def build_benchmark_model(name: str, seed: int, image_size: int) -> nn.Module:
+def build_benchmark_model(name: str, seed: int, image_size: Optional[int] = None) -> nn.Module:
     """The analysis's model of architecture `name` (ResNet-50 by default) at random init (weights do not
     change the cost of any phase), or, to check the benchmark's own workings in seconds, a small CNN whose
     numbers mean nothing for ImageNet."""

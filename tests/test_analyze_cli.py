@@ -144,7 +144,8 @@ def test_the_device_is_logged_before_any_work_and_a_long_cpu_run_warns(monkeypat
     device = next(i for i, line in enumerate(lines) if line.startswith("INFO device: "))
     assert lines[device].startswith("INFO device: CPU, ") and "no usable GPU: CUDA_VISIBLE_DEVICES is empty" in lines[device]
     assert lines[device + 1].startswith("WARNING RUNNING ON THE CPU: 6 training images")
-    assert "6 training images, 2 queries" in lines[device + 2]  # then the work starts
+    assert lines[device + 2].startswith("INFO resnet50: 576 of 576 parameters tracked (100.0%)")  # what the scores cover
+    assert "6 training images, 2 queries" in lines[device + 3]  # then the work starts
 
 
 def test_device_cuda_without_a_gpu_is_one_line_and_writes_nothing(monkeypatch, tmp_path, capsys):
