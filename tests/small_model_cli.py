@@ -102,6 +102,10 @@ def install_step_hook(phase: str, count: int, action) -> None:
 def install_kill(spec: str) -> None:
     phase, count, *signal_name = spec.split(":")
     signal_number = getattr(signal, signal_name[0]) if signal_name else signal.SIGKILL
+    if signal_number == signal.SIGINT:
+        # Python turns SIGINT into KeyboardInterrupt only if its parent left SIGINT handled at start; a test
+        # runner's worker may ignore it (seen once: the run ignored its Ctrl-C and finished). A terminal does not.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     install_step_hook(phase, int(count), lambda: os.kill(os.getpid(), signal_number))
 
 
