@@ -161,7 +161,3 @@ def output_layer(model: nn.Module) -> Tuple[str, nn.Module]:
 def num_outputs(model: nn.Module) -> int:
     _, layer = output_layer(model)
     return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
-
-
-def parameter_count(model: nn.Module) -> int:
-    return sum(parameter.numel() for parameter in model.parameters())

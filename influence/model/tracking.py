@@ -73,7 +73,10 @@ def _untracked_kind(owner: nn.Module, parameter_name: str) -> str:
 def describe_tracking(model: nn.Module) -> Dict[str, Any]:
     """What the scores cover: parameters tracked and in all, tracked layers, untracked parameters by kind
     (kind -> count), and the grouped convolutions kronfluence approximates."""
-    tracked = {id(parameter) for module in tracked_layers(model) for parameter in module.parameters()}
+    layers = tracked_layers(model)
+    if not layers:
+        raise UserError(f"{type(model).__name__} has no Linear or Conv2d layer that influence functions can track")
+    tracked = {id(parameter) for module in layers for parameter in module.parameters()}
     untracked: Counter = Counter()
     total = 0
     for module in model.modules():
@@ -81,9 +84,6 @@ def describe_tracking(model: nn.Module) -> Dict[str, Any]:
             total += parameter.numel()
             if id(parameter) not in tracked:
                 untracked[_untracked_kind(module, parameter_name)] += parameter.numel()
-    layers = tracked_layers(model)
-    if not layers:
-        raise UserError(f"{type(model).__name__} has no Linear or Conv2d layer that influence functions can track")
     grouped = [module for module in layers if isinstance(module, nn.Conv2d) and module.groups > 1]
     return {
         "tracked_parameters": sum(parameter.numel() for module in layers for parameter in module.parameters()),
@@ -96,7 +96,8 @@ def describe_tracking(model: nn.Module) -> Dict[str, Any]:
 
 
 def tracking_line(arch: str, summary: Dict[str, Any]) -> str:
-    """One line: `convnext_tiny: 27,8 of 28.6M parameters tracked (97.3%) in 76 Conv2d/Linear layers; not tracked: ...`."""
+    """One line: `convnext_tiny: 28,566,184 of 28,589,128 parameters tracked (99.9%) in 59 Conv2d/Linear layers;
+    not tracked: normalisation layers 0.057%, layer_scale 0.023%; approximated: 18 grouped/depthwise ...`."""
     total = max(summary["parameters"], 1)
 
     def share(count: int) -> str:
