@@ -33,7 +33,8 @@ IMAGENET_SIZES = ((500, 375), (500, 333), (375, 500), (500, 400), (640, 480), (3
 JPEG_QUALITY = 90
 MATMUL_START_SIZE = 256
 MATMUL_SIZE = 4096
-MATMUL_MIN_SECONDS = 0.5
+MATMUL_PRODUCT_SECONDS = 0.1  # one product this long is timed precisely enough: the size stops doubling there
+MATMUL_MIN_SECONDS = 0.5  # the timed products together
 MATMUL_REPEATS = 5
 MIB = 1024 * 1024
 IMAGE_SEED = 0  # the generated images are the same on every run
@@ -107,12 +108,14 @@ def count_flops(function: Callable[[], Any]) -> int:
 def measured_matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
     """FLOP/s of a large square torch.mm: the device's practical ceiling (no data sheet covers every CPU).
     The size doubles from MATMUL_START_SIZE up to MATMUL_SIZE while one product takes under
-    MATMUL_MIN_SECONDS: CPUs without bfloat16 instructions take seconds for a 1024 x 1024 bfloat16 product."""
+    MATMUL_PRODUCT_SECONDS (CPUs without bfloat16 instructions take seconds for a 1024 x 1024 bfloat16
+    product; a CPU core does a 2048 x 2048 float32 one in about 0.2 s, where 4096 would take 1.7 s for the
+    same rate), then enough products of that size are timed to fill MATMUL_MIN_SECONDS."""
     size = MATMUL_START_SIZE
     while True:
         a = torch.randn(size, size, device=device).to(dtype)
         seconds = time_call(lambda: a @ a, device)  # the first product also warms up
-        if seconds >= MATMUL_MIN_SECONDS or size >= MATMUL_SIZE:
+        if seconds >= MATMUL_PRODUCT_SECONDS or size >= MATMUL_SIZE:
             repeats = max(1, min(MATMUL_REPEATS, int(MATMUL_MIN_SECONDS / seconds)))
             return repeats * 2 * size**3 / time_call(lambda: [a @ a for _ in range(repeats)], device)
         size *= 2

@@ -84,7 +84,7 @@ def test_command_line_compares_tf32_scores_with_float32_and_reuses_only_its_own_
     summary = tmp_path / "tf32.json"
     argv = [
         "--roundings", "truncate", "--output_dir", str(output), "--json", str(summary),
-        "--dataset_dir", str(tiny_imagenet), "--checkpoint", str(resnet50_checkpoint),
+        "--dataset_dir", str(tiny_imagenet), "--checkpoint", str(resnet50_checkpoint), "--resize_size", "128", "--crop_size", "112",
         "--factor_strategy", "identity", "--num_queries", "2", "--train_batch_size", "3", "--query_batch_size", "2",
     ]
     result = tf32_accuracy.main(argv)
