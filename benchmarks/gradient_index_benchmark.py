@@ -40,7 +40,7 @@ from influence.analysis.scoring import load_scores
 from influence.analysis.task import ClassificationTask
 from influence.index import projection
 from influence.index import shards as index_shards
-from influence.results import naming
+from influence.results import naming, records
 from influence.results.score_files import open_score_file, read_rows
 from influence.runtime import hardware
 from influence.runtime.cli import UserError, positive_int, setup_logging, user_errors
@@ -75,8 +75,9 @@ class _Timings(logging.Handler):
 
 def flags_from_record(record: Dict[str, Any]) -> List[str]:
     """gradient_index.py's model, data and folder flags for the run an exact score folder records."""
-    resolved, settings, model = record["resolved"], record["settings"], record["depends_on"]["model"]
-    flags = ["--dataset_dir", resolved["dataset_dir"], "--output_dir", settings["output_dir"],
+    resolved, settings = record["resolved"], record["settings"]
+    arch, model = records.split_model_source(record["depends_on"]["model"])
+    flags = ["--arch", arch, "--dataset_dir", resolved["dataset_dir"], "--output_dir", settings["output_dir"],
              "--analysis_name", settings["analysis_name"], "--seed", str(settings["seed"]), "--num_workers", "0"]
     kind, _, value = model.partition(":")
     if kind == "weights":
@@ -128,9 +129,12 @@ def _factor_examples(record: Dict[str, Any]) -> Optional[int]:
         return None
 
 
-def run_key(analysis: str, basis: str, strategy: str, normalization: str) -> str:
-    """One curve of the figure: `trained_digits: ekfac basis, ekfac scores` (`..., ekfac relative scores`)."""
-    return f"{analysis}: {basis} basis, {strategy}{'' if normalization == naming.NO_NORMALIZATION else ' ' + normalization} scores"
+def run_key(analysis: str, basis: str, strategy: str, normalization: str, dtype: str = index_shards.DEFAULT_DTYPE) -> str:
+    """One curve of the figure: `trained_digits: ekfac basis, ekfac scores` (`..., ekfac relative scores`;
+    `trained_digits: ekfac_half basis, ...` on half-precision factors; `..., bfloat16 index` for an index
+    stored in another --dtype than float16)."""
+    key = f"{analysis}: {basis} basis, {strategy}{'' if normalization == naming.NO_NORMALIZATION else ' ' + normalization} scores"
+    return key if dtype == index_shards.DEFAULT_DTYPE else f"{key}, {dtype} index"
 
 
 def run_agreement(args: argparse.Namespace) -> Dict[str, Any]:
@@ -141,23 +145,26 @@ def run_agreement(args: argparse.Namespace) -> Dict[str, Any]:
     record = json.loads(record_path.read_text())
     if record["depends_on"].get("query_gradient_rank") is not None:
         raise UserError(f"{exact_path} holds rank-{record['depends_on']['query_gradient_rank']} scores; compare with full-rank ones")
-    common = [*flags_from_record(record), "--index_dim", str(args.index_dim), "--basis", args.basis]
+    half = ["--use_half_precision"] if args.use_half_precision else []
+    common = [*flags_from_record(record), "--index_dim", str(args.index_dim), "--basis", args.basis, *half]
+    label = index_shards.basis_label(args.basis, args.use_half_precision)
     overwrite = ["--overwrite"] if args.overwrite else []
     strategy = record["settings"]["strategy"]
     normalization = record["depends_on"].get("score_normalization", naming.NO_NORMALIZATION)
     results = json.loads(args.json.read_text()) if args.json.is_file() else {}
-    run = results.setdefault("runs", {}).setdefault(run_key(record["settings"]["analysis_name"], args.basis, strategy, normalization), {})
+    run = results.setdefault("runs", {}).setdefault(run_key(record["settings"]["analysis_name"], label, strategy, normalization, args.dtype), {})
     entry = run.setdefault("dims", {}).setdefault(str(args.index_dim), {})
     entry.clear()  # nothing of an earlier measurement (another dtype, retrainings, exact folder) is kept beside this one
     handler = _Timings()  # a reused index or score file logs no timings: the earlier ones are kept
     logging.getLogger("gradient_index").addHandler(handler)
-    directory = index_shards.index_dir(record["settings"]["output_dir"], record["settings"]["analysis_name"], args.basis, args.index_dim)
+    directory = index_shards.index_dir(record["settings"]["output_dir"], record["settings"]["analysis_name"], label, args.index_dim)
     gradient_index.main(["build", *common, *overwrite, "--dtype", args.dtype, "--train_batch_size", str(record["settings"]["train_batch_size"])])
     entry.update(handler.timings)
     handler.timings = {}
     with tempfile.TemporaryDirectory() as scratch:
         started = time.perf_counter()
-        scores_dir = (args.scores_root / index_shards.index_scores_name(args.basis, args.index_dim, strategy, normalization)) if args.scores_root else None
+        scores_name = index_shards.index_scores_name(label, args.index_dim, naming.factors_name(strategy, args.use_half_precision), normalization)
+        scores_dir = (args.scores_root / scores_name) if args.scores_root else None
         index_path = gradient_index.main([
             "query", *common, *overwrite, *query_flags(record, Path(scratch)), "--query_batch_size", str(args.query_batch_size),
             *(["--scores_dir", str(scores_dir)] if scores_dir else []),
@@ -179,7 +186,7 @@ def run_agreement(args: argparse.Namespace) -> Dict[str, Any]:
         run["exact_lds"] = lds.linear_datamodeling_score(load_scores(exact_path), masks, measured)
         run["lds_subsets"] = len(masks)
     run.update({
-        "analysis": record["settings"]["analysis_name"], "basis": args.basis, "strategy": strategy, "normalization": normalization, "exact": str(exact_path), "num_queries": record["depends_on"]["num_queries"], "num_train": record["depends_on"]["num_train"],
+        "analysis": record["settings"]["analysis_name"], "basis": label, "strategy": strategy, "dtype": args.dtype, "normalization": normalization, "exact": str(exact_path), "num_queries": record["depends_on"]["num_queries"], "num_train": record["depends_on"]["num_train"],
         "damping_factor": record["depends_on"]["damping_factor"], "factor_examples": _factor_examples(record),
     })
     results["machine"] = hardware.describe_device(record["settings"]["device"])
@@ -191,7 +198,7 @@ def run_agreement(args: argparse.Namespace) -> Dict[str, Any]:
     print(
         f"index_dim {args.index_dim}: per-query Spearman mean {spearman['mean']:.4f} (minimum {spearman['minimum']:.4f}), "
         f"top-10 overlap mean {overlap['mean']:.3f}; {entry['bytes_per_image'] / 1e3:.1f} kB per image ({entry['dtype']}); "
-        f"build {entry.get('build_s', math.nan):.1f} s, query {entry.get('query_s', math.nan):.1f} s ({strategy}, {args.basis} basis)"
+        f"build {entry.get('build_s', math.nan):.1f} s, query {entry.get('query_s', math.nan):.1f} s ({strategy}, {label} basis)"
     )
     return results
 
@@ -331,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     agreement.add_argument("--index_dim", type=positive_int, required=True, help="gradient_index.py's --index_dim.")
     agreement.add_argument("--basis", choices=index_shards.BASES, default=index_shards.DEFAULT_BASIS, help=f"gradient_index.py's --basis (default: {index_shards.DEFAULT_BASIS}).")
     agreement.add_argument("--dtype", choices=tuple(index_shards.DTYPES), default=index_shards.DEFAULT_DTYPE, help=f"The index's --dtype (default: {index_shards.DEFAULT_DTYPE}).")
+    agreement.add_argument("--use_half_precision", action="store_true", help="Build and query the index on the factors of `analyze.py --use_half_precision` (gradient_index.py's flag), still compared with --exact's float32 scores.")
     agreement.add_argument("--query_batch_size", type=positive_int, default=8, help="gradient_index.py query's --query_batch_size (default: 8).")
     agreement.add_argument("--overwrite", action="store_true", help="Pass --overwrite to gradient_index.py (an index or scores of other settings are replaced).")
     agreement.add_argument("--retrainings", type=Path, help="validation.trained_digits' cached LDS retrainings (data/trained_digits/lds) of the exact scores' model, images and queries: adds the LDS of the index's and the exact scores.")
