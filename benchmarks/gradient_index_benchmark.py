@@ -152,7 +152,8 @@ def run_agreement(args: argparse.Namespace) -> Dict[str, Any]:
     strategy = record["settings"]["strategy"]
     normalization = record["depends_on"].get("score_normalization", naming.NO_NORMALIZATION)
     results = json.loads(args.json.read_text()) if args.json.is_file() else {}
-    run = results.setdefault("runs", {}).setdefault(run_key(record["settings"]["analysis_name"], label, strategy, normalization, args.dtype), {})
+    strategy_label = naming.factors_name(strategy, args.use_half_precision)  # ekfac_half: the query preconditions with the half factors too
+    run = results.setdefault("runs", {}).setdefault(run_key(record["settings"]["analysis_name"], label, strategy_label, normalization, args.dtype), {})
     entry = run.setdefault("dims", {}).setdefault(str(args.index_dim), {})
     entry.clear()  # nothing of an earlier measurement (another dtype, retrainings, exact folder) is kept beside this one
     handler = _Timings()  # a reused index or score file logs no timings: the earlier ones are kept
@@ -163,7 +164,7 @@ def run_agreement(args: argparse.Namespace) -> Dict[str, Any]:
     handler.timings = {}
     with tempfile.TemporaryDirectory() as scratch:
         started = time.perf_counter()
-        scores_name = index_shards.index_scores_name(label, args.index_dim, naming.factors_name(strategy, args.use_half_precision), normalization)
+        scores_name = index_shards.index_scores_name(label, args.index_dim, strategy_label, normalization)
         scores_dir = (args.scores_root / scores_name) if args.scores_root else None
         index_path = gradient_index.main([
             "query", *common, *overwrite, *query_flags(record, Path(scratch)), "--query_batch_size", str(args.query_batch_size),
@@ -186,7 +187,7 @@ def run_agreement(args: argparse.Namespace) -> Dict[str, Any]:
         run["exact_lds"] = lds.linear_datamodeling_score(load_scores(exact_path), masks, measured)
         run["lds_subsets"] = len(masks)
     run.update({
-        "analysis": record["settings"]["analysis_name"], "basis": label, "strategy": strategy, "dtype": args.dtype, "normalization": normalization, "exact": str(exact_path), "num_queries": record["depends_on"]["num_queries"], "num_train": record["depends_on"]["num_train"],
+        "analysis": record["settings"]["analysis_name"], "arch": records.recorded_arch(record), "basis": label, "strategy": strategy_label, "dtype": args.dtype, "normalization": normalization, "exact": str(exact_path), "num_queries": record["depends_on"]["num_queries"], "num_train": record["depends_on"]["num_train"],
         "damping_factor": record["depends_on"]["damping_factor"], "factor_examples": _factor_examples(record),
     })
     results["machine"] = hardware.describe_device(record["settings"]["device"])
@@ -198,7 +199,7 @@ def run_agreement(args: argparse.Namespace) -> Dict[str, Any]:
     print(
         f"index_dim {args.index_dim}: per-query Spearman mean {spearman['mean']:.4f} (minimum {spearman['minimum']:.4f}), "
         f"top-10 overlap mean {overlap['mean']:.3f}; {entry['bytes_per_image'] / 1e3:.1f} kB per image ({entry['dtype']}); "
-        f"build {entry.get('build_s', math.nan):.1f} s, query {entry.get('query_s', math.nan):.1f} s ({strategy}, {label} basis)"
+        f"build {entry.get('build_s', math.nan):.1f} s, query {entry.get('query_s', math.nan):.1f} s ({strategy_label}, {label} basis)"
     )
     return results
 
@@ -282,7 +283,9 @@ def _scoring_rate(dim: int) -> float:
 
 def run_imagenet(args: argparse.Namespace) -> Dict[str, Any]:
     results = json.loads(args.json.read_text()) if args.json.is_file() else {}
-    ekfac = [run for run in results.get("runs", {}).values() if run.get("strategy") == "ekfac" and run.get("normalization", naming.NO_NORMALIZATION) == naming.NO_NORMALIZATION]
+    # ResNet-50's float32 EKFAC queries (runs recorded before --arch carry no architecture: ResNet-50's).
+    ekfac = [run for run in results.get("runs", {}).values() if run.get("strategy") == "ekfac" and run.get("arch", pipeline.DEFAULT_ARCH) == pipeline.DEFAULT_ARCH
+             and run.get("normalization", naming.NO_NORMALIZATION) == naming.NO_NORMALIZATION]
     measured = [entry for run in ekfac for entry in run.get("dims", {}).values() if "query_gradients_s" in entry]
     # The query side's cost is preconditioning full gradients, which depends on the layer shapes only, not
     # on the image size: the per-query seconds measured on the trained digits model (EKFAC) carry over.

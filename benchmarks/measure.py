@@ -105,19 +105,21 @@ def count_flops(function: Callable[[], Any]) -> int:
     return counter.get_total_flops()
 
 
-def measured_matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
-    """FLOP/s of a large square torch.mm: the device's practical ceiling (no data sheet covers every CPU).
-    The size doubles from MATMUL_START_SIZE up to MATMUL_SIZE while one product takes under
+def measured_matmul_peak(device: torch.device, dtype: torch.dtype) -> Tuple[float, int]:
+    """(FLOP/s, size) of a large square torch.mm: the device's practical ceiling (no data sheet covers every
+    CPU). The size doubles from MATMUL_START_SIZE up to MATMUL_SIZE while one product takes under
     MATMUL_PRODUCT_SECONDS (CPUs without bfloat16 instructions take seconds for a 1024 x 1024 bfloat16
     product; a CPU core does a 2048 x 2048 float32 one in about 0.2 s, where 4096 would take 1.7 s for the
-    same rate), then enough products of that size are timed to fill MATMUL_MIN_SECONDS."""
+    same rate), then enough products of that size are timed to fill MATMUL_MIN_SECONDS. Every size's first
+    product is a warm-up (a GPU library's start-up must not stop the doubling early) and is not timed."""
     size = MATMUL_START_SIZE
     while True:
         a = torch.randn(size, size, device=device).to(dtype)
-        seconds = time_call(lambda: a @ a, device)  # the first product also warms up
+        time_call(lambda: a @ a, device)
+        seconds = time_call(lambda: a @ a, device)
         if seconds >= MATMUL_PRODUCT_SECONDS or size >= MATMUL_SIZE:
             repeats = max(1, min(MATMUL_REPEATS, int(MATMUL_MIN_SECONDS / seconds)))
-            return repeats * 2 * size**3 / time_call(lambda: [a @ a for _ in range(repeats)], device)
+            return repeats * 2 * size**3 / time_call(lambda: [a @ a for _ in range(repeats)], device), size
         size *= 2
 
 
@@ -148,9 +150,11 @@ def device_peaks(device: torch.device, tf32: bool, precisions: Sequence[str] = (
                     "bfloat16": peaks["bfloat16"],
                     "source": f"NVIDIA data sheet, {key} dense ({float32} for float32 phases)",
                 }
-        source = "measured matmul peak (no data sheet entry for this GPU)"
+        why = ", no data sheet entry for this GPU"
     else:
         name = f"CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
-        source = f"measured matmul peak ({MATMUL_SIZE}x{MATMUL_SIZE} torch.mm)"
+        why = ""
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-    return {"name": name, **{precision: measured_matmul_peak(device, dtypes[precision]) for precision in precisions}, "source": source}
+    measured = {precision: measured_matmul_peak(device, dtypes[precision]) for precision in precisions}
+    sizes = ", ".join(f"{precision} {size}x{size}" for precision, (_, size) in measured.items())
+    return {"name": name, **{precision: flops for precision, (flops, _) in measured.items()}, "source": f"measured matmul peak (torch.mm, {sizes}{why})"}

@@ -37,12 +37,12 @@ HOSTILE = "x<img src=y onerror=window.pwned=1>\"&'"
 # (`UPDATE_SCREENSHOTS=1 python -m pytest tests/test_explorer.py`), else beside the test's other files, so
 # that running the suite leaves the repository as it was.
 SCREENSHOT_NAMES = {"index": "explorer_index.png", "query": "explorer_query.png"}
+DEMO_TOP_K = 5
 
 
 def _screenshots(tmp_path: Path) -> dict:
     folder = REPO_ROOT / "figure" if os.environ.get("UPDATE_SCREENSHOTS") == "1" else tmp_path
     return {page: folder / name for page, name in SCREENSHOT_NAMES.items()}
-DEMO_TOP_K = 5
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,7 @@ def test_each_dtype_and_factor_precision_is_its_own_curve():
         benchmark.run_key("digits", "ekfac", "ekfac", "none"),
         benchmark.run_key("digits", "ekfac", "ekfac", "none", "float16"),
         benchmark.run_key("digits", "ekfac", "ekfac", "none", "bfloat16"),
-        benchmark.run_key("digits", "ekfac_half", "ekfac", "none"),
+        benchmark.run_key("digits", "ekfac_half", "ekfac_half", "none"),  # factors and preconditioning in half precision
         benchmark.run_key("digits", "ekfac", "ekfac", "relative"),
     }
     assert len(keys) == 4  # float16, the default, keeps the key it always had

@@ -110,7 +110,8 @@ QUICK = dataclasses.replace(
     lds_subsets=12,
     lds_ceiling_subsets=3,
 )
-# The test suite's: the smallest run whose numbers still mean something (about 4 minutes on 2 cores).
+# The test suite's: the smallest run whose numbers still mean something (about 9 minutes on one of the
+# suite's two workers, the other busy: its eigendecomposition alone takes nearly 3).
 # EKFAC's self-influence of every training image (the normalisations) would take most of it, so only
 # identity's. 40 px crops and 6 epochs on 184 training scans still reach 0.83 test accuracy (measured);
 # at 32 px ResNet-50's last stage is 1 x 1 and the eigendecomposition of its covariances fails to
