@@ -11,6 +11,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import REPO_ROOT
 from safetensors.torch import load_file
 from scipy.stats import mannwhitneyu
 
@@ -78,6 +79,17 @@ def test_statistics_equal_independent_computations():
     assert trained_digits.same_label_share(pairwise, query_labels, train_labels) == 0.5
     margins = digits.margins(torch.tensor([[2.0, 0.0, 0.0]]), torch.tensor([0]))
     assert margins.item() == pytest.approx(2.0 - np.log(2.0))
+
+
+def test_report_lists_the_index_lines_of_a_run_that_built_one_and_none_otherwise():
+    """On the report the full validation wrote (figure/trained_digits.json: index32, raw and relative)."""
+    result = json.loads((REPO_ROOT / "figure" / "trained_digits.json").read_text())
+    index = result["gradient_index"]
+    lines = [line for line in trained_digits.report_table(result).splitlines() if "against exact EKFAC" in line]
+    assert [line.split("(")[1].split(")")[0] for line in lines] == list(index["against_exact_ekfac"]) == ["none", "relative"]
+    assert f"Spearman mean {index['against_exact_ekfac']['none']['Spearman']:.4f}" in lines[0]
+    without = {key: value for key, value in result.items() if key != "gradient_index"}
+    assert "against exact EKFAC" not in trained_digits.report_table(without)
 
 
 def test_index_agreement_compares_only_normalisations_computed_exactly():
