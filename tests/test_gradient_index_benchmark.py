@@ -6,9 +6,9 @@ from __future__ import annotations
 from benchmarks import gradient_index_benchmark as benchmark
 
 
-def _record(model: str, checkpoint: str = "/ckpt.pt") -> dict:
+def _record(model: str) -> dict:
     return {
-        "resolved": {"dataset_dir": "/data", "checkpoint": checkpoint, "preprocessing": {"resize_size": 54, "crop_size": 48}},
+        "resolved": {"dataset_dir": "/data", "checkpoint": "/ckpt.pt", "preprocessing": {"resize_size": 54, "crop_size": 48}},
         "settings": {"output_dir": "/out", "analysis_name": "digits", "seed": 3},
         "depends_on": {"model": model},
     }

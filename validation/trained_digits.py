@@ -369,15 +369,14 @@ def validate(size: RunSize, work_dir: Path, output_dir: Path, figure_dir: Path) 
     num_queries = len(tensors["val_labels"])
     steps = Steps(work_dir)
     comparisons = run_suite(steps, analyze_argv(data_dir, checkpoint, output_dir, size), size, num_queries, figure_dir)
-    if size.index_dim is not None:
-        run_index(steps, model_argv(data_dir, checkpoint, output_dir, size), size, num_queries)
     pairwise = {
         strategy: {normalization: load_scores(pairwise_path(output_dir, size, strategy, normalization))
                    for normalization in naming.NORMALIZATIONS if normalization == naming.NO_NORMALIZATION or strategy in size.normalized_strategies}
         for strategy in sorted(size.strategies, key=STRATEGIES.index)
     }
     index_report = {}
-    if size.index_dim is not None:
+    if size.index_dim is not None:  # the index's steps after every analyze.py step
+        run_index(steps, model_argv(data_dir, checkpoint, output_dir, size), size, num_queries)
         index = {normalization: load_scores(index_path(output_dir, size, normalization)) for normalization in size.index_normalizations}
         pairwise[index_label(size)] = index
         index_report = {"gradient_index": {
